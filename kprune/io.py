@@ -1,0 +1,73 @@
+"""Save and load pruned models.
+
+transformers 5 has no per-layer head pruning in its configs, so a pruned model is stored as the
+source config (``config.json``), the weights (``pruned.safetensors``) and ``kprune.json`` with the
+number of heads and neurons each layer kept. Loading builds the plain transformers model from the
+config, cuts each layer to those counts, then loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from kprune.sublayer import set_unit_counts, unit_counts
+
+WEIGHTS_FILE = "pruned.safetensors"
+META_FILE = "kprune.json"
+FORMAT = "kprune-pruned-model"
+FORMAT_VERSION = 1
+
+
+def save_pruned(model: nn.Module, directory: str | Path, *, record=None, tokenizer=None) -> Path:
+    """Write a pruned model (and optionally its PruneRecord and tokenizer) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    heads, neurons = unit_counts(model)
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "heads_per_layer": heads,
+        "neurons_per_layer": neurons,
+        "record": record.to_dict() if record is not None else None,
+    }
+    model.config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS_FILE))
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a kprune pruned-model folder (no {META_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+    return meta
+
+
+def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a pruned model saved by :func:`save_pruned` as a plain transformers model, in eval mode."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    model_class = getattr(transformers, meta["architecture"], None)
+    if model_class is None:
+        raise ValueError(f"transformers has no model class {meta['architecture']!r}")
+    model = model_class(config)
+    set_unit_counts(model, meta["heads_per_layer"], meta["neurons_per_layer"])
+    load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    return model.to(device).eval()
+
+
+def is_pruned_folder(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()

@@ -1,0 +1,143 @@
+"""Knowledge measurement: how much prediction and representation each unit carries (K-prune, Sec. 3.2).
+
+Predictive knowledge of unit i is the second-order estimate of how much the distillation loss
+``T^2 KL(p_teacher || p_student)`` grows when the unit's mask m_i goes from 1 to 0:  0.5 * F_ii.
+
+F is the Fisher (generalised Gauss-Newton) matrix of that loss, computed per example as
+``J^T H J``: J = d logits / d masks, H = the loss's Hessian in the logits, taken at the teacher's
+soft labels p.  Unlike squared batch-mean gradients, this is not zero when the student equals the
+teacher (iteration 0).  Writing H = R^T R, each row r of R costs one backward pass, and the
+per-example gradients of ``r . logits`` give F_ii = sum over rows of squared gradients:
+
+    classification:  H = diag(p) - p p^T  (rank C-1: exact with C-1 passes from its eigenvectors)
+    regression:      H = 2 I / K          (MSE to the teacher's K outputs)
+    QA:              H = 0.5 (H_start (+) H_end) over the valid positions; with hundreds of positions it
+                     is sketched with random +-1 projections, which keep E[F_ii] exact.
+
+Representational knowledge of unit i is what it adds to the sublayer's output, summed over its
+features f and averaged over sample tokens:  mean_tokens sum_f x_f^2 ||W_out[:, f]||^2 / d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
+from kprune.sublayer import Sublayer
+
+
+@dataclass
+class Knowledge:
+    """Per-unit knowledge of one sublayer."""
+
+    predictive: torch.Tensor  # (units,)
+    representational: torch.Tensor  # (units,)
+
+
+def loss_hessian_factor(
+    task: str,
+    teacher_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    projections: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """R with R^T R = Hessian of the per-example distillation loss in the logits, shape (B, rows, *logit_shape)."""
+    teacher_logits = teacher_logits.detach().double()
+    if task == REGRESSION:
+        outputs = teacher_logits.shape[1]
+        eye = torch.eye(outputs, dtype=teacher_logits.dtype, device=teacher_logits.device)
+        return (eye * (2.0 / outputs) ** 0.5).expand(teacher_logits.shape[0], outputs, outputs)
+    if task == CLASSIFICATION:
+        probs = F.softmax(teacher_logits / temperature, dim=-1)
+        classes = probs.shape[1]
+        if classes - 1 <= projections:
+            hessian = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+            eigenvalues, eigenvectors = torch.linalg.eigh(hessian)  # ascending; the first is the null direction
+            rows = eigenvalues[:, 1:].clamp_min(0).sqrt()[:, :, None] * eigenvectors[:, :, 1:].transpose(1, 2)
+            return rows
+        return _projected_softmax_factor(probs, projections, generator)
+    if task == QUESTION_ANSWERING:
+        valid = attention_mask.bool()[:, :, None]
+        masked = (teacher_logits / temperature).masked_fill(~valid, float("-inf"))
+        probs = F.softmax(masked, dim=1)  # (B, S, 2): start and end distributions over valid positions
+        start = _projected_softmax_factor(probs[..., 0], projections, generator)
+        end = _projected_softmax_factor(probs[..., 1], projections, generator)
+        return torch.stack([start, end], dim=-1) * 0.5**0.5
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _projected_softmax_factor(probs: torch.Tensor, projections: int, generator) -> torch.Tensor:
+    """Rows xi^T A^T / sqrt(k) for diag(p) - p p^T = A A^T, A = diag(sqrt p) - p sqrt(p)^T, xi = +-1."""
+    signs = torch.randint(0, 2, (probs.shape[0], projections, probs.shape[1]), generator=generator)
+    signs = (signs.to(probs) * 2 - 1).to(probs.device)
+    weighted = signs * probs.sqrt()[:, None, :]
+    rows = weighted - weighted.sum(-1, keepdim=True) * probs[:, None, :]
+    return rows / projections**0.5
+
+
+def measure_knowledge(
+    model: torch.nn.Module,
+    subs: Sequence[Sublayer],
+    hidden_batches: Sequence[torch.Tensor],
+    attention_masks: Sequence[torch.Tensor],
+    teacher_logits: Sequence[torch.Tensor],
+    task: str,
+    temperature: float = 2.0,
+    projections: int = 8,
+    generator: torch.Generator | None = None,
+) -> list[Knowledge]:
+    """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
+
+    ``hidden_batches[b]`` is the student's input to ``subs[0]`` for batch b; the forward runs from
+    there to the logits with one mask variable per (example, unit), so one backward pass per Hessian
+    row yields per-example gradients.
+    """
+    predictive = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+    representational = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+    output_scale = [sub.output_column_norms().double().cpu() / sub.output.out_features for sub in subs]
+    examples, tokens = 0, 0
+    for hidden, attention_mask, logits_t in zip(hidden_batches, attention_masks, teacher_logits, strict=True):
+        valid = attention_mask.bool()
+        masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
+        for position, (sub, mask) in enumerate(zip(subs, masks)):
+            features = sub.features(hidden, attention_mask)
+            squared = features.detach()[valid].double().pow(2).sum(0).cpu()  # (units, width)
+            representational[position] += (squared * output_scale[position]).sum(-1)
+            hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
+        logits = task_logits(model, hidden)
+        factor = loss_hessian_factor(task, logits_t, attention_mask, temperature, projections, generator)
+        factor = factor.to(logits.dtype)
+        rows = factor.shape[1] if logits.requires_grad else 0  # no units left above: nothing to measure
+        for row in range(rows):
+            projected = (factor[:, row] * logits).sum()
+            # allow_unused: a sublayer with no units left has a mask no output depends on
+            grads = torch.autograd.grad(
+                projected, masks, retain_graph=row < rows - 1, allow_unused=True
+            )
+            for position, grad in enumerate(grads):
+                if grad is not None:
+                    predictive[position] += grad.double().pow(2).sum(0).cpu()
+        examples += hidden.shape[0]
+        tokens += int(valid.sum())
+    return [
+        Knowledge(predictive=0.5 * pred / examples, representational=rep / tokens)
+        for pred, rep in zip(predictive, representational)
+    ]
+
+
+def unit_scores(
+    knowledge: Knowledge,
+    unit_flops: float,
+    is_head: bool,
+    lam_pred: float = 1.0,
+    lam_rep: float = 2.5e-4,
+    mu: float = 1.0,
+) -> torch.Tensor:
+    """Knowledge per FLOP; heads are weighted by ``mu`` (see KPruneConfig.mu)."""
+    score = (lam_pred * knowledge.predictive + lam_rep * knowledge.representational) / unit_flops
+    return score * mu if is_head else score
