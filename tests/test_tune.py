@@ -1,0 +1,190 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from kprune.tune import LeastSquaresStats, TuneReport, solve_output_projection
+
+ZERO_WEIGHT = torch.zeros(5, 8, dtype=torch.float64)  # (d, k) of random_problem's default sizes
+
+
+def random_problem(seed: int, n: int = 300, k: int = 8, d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    target = features @ torch.randn(k, d, generator=generator, dtype=torch.float64)
+    target += 0.3 * torch.randn(n, d, generator=generator, dtype=torch.float64)  # not exactly reachable
+    return features, target
+
+
+def stats_of(features: torch.Tensor, target: torch.Tensor) -> LeastSquaresStats:
+    stats = LeastSquaresStats(features.shape[1], target.shape[1])
+    stats.add(features, target)
+    return stats
+
+
+def direct_error(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> float:
+    return float((features.double() @ weight.double().T - target.double()).square().sum())
+
+
+def lstsq_minimum_error(features: torch.Tensor, target: torch.Tensor) -> float:
+    """min_W ||F W^T - R||^2 by numpy's SVD-based lstsq (its residuals are empty for rank-deficient F)."""
+    solution = np.linalg.lstsq(features.numpy(), target.numpy(), rcond=None)[0]
+    return direct_error(features, torch.from_numpy(solution.T.copy()), target)
+
+
+def test_batched_accumulation_with_mixed_dtypes_equals_one_shot():
+    features, target = random_problem(0, n=100)
+    batches = [
+        (0, 30, torch.float32),
+        (30, 55, torch.bfloat16),
+        (55, 56, torch.float16),
+        (56, 100, torch.double),
+    ]
+    stats = LeastSquaresStats(8, 5)
+    cast_features, cast_target = [], []
+    for start, stop, dtype in batches:
+        stats.add(features[start:stop].to(dtype), target[start:stop].to(dtype))
+        cast_features.append(features[start:stop].to(dtype).double())
+        cast_target.append(target[start:stop].to(dtype).double())
+    f, r = torch.cat(cast_features), torch.cat(cast_target)
+
+    assert stats.gram.dtype == stats.cross.dtype == torch.float64
+    torch.testing.assert_close(stats.gram, f.T @ f, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(stats.cross, f.T @ r, rtol=1e-12, atol=1e-10)
+    assert stats.target_sq == pytest.approx(float(r.square().sum()), rel=1e-12)
+    assert stats.num_rows == 100
+
+
+def test_add_rejects_wrong_shapes():
+    stats = LeastSquaresStats(3, 2)
+    with pytest.raises(ValueError, match="features"):
+        stats.add(torch.zeros(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="target"):
+        stats.add(torch.zeros(4, 3), torch.zeros(5, 2))
+
+
+def test_error_from_stats_equals_direct_error():
+    features, target = random_problem(1)
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    stats = stats_of(features, target)
+    assert stats.error(weight) == pytest.approx(direct_error(features, weight, target), rel=1e-10)
+    assert stats.error(torch.zeros(5, 8)) == pytest.approx(float(target.square().sum()), rel=1e-12)
+
+
+def test_select_with_bool_mask_and_indices_matches_sliced_features():
+    features, target = random_problem(3)
+    stats = stats_of(features, target)
+    keep = torch.tensor([True, False, True, True, False, False, True, False])
+    expected = stats_of(features[:, keep], target)
+    for selector in (keep, keep.nonzero().squeeze(1)):
+        selected = stats.select(selector)
+        torch.testing.assert_close(selected.gram, expected.gram)
+        torch.testing.assert_close(selected.cross, expected.cross)
+        assert selected.target_sq == stats.target_sq and selected.num_rows == stats.num_rows
+    with pytest.raises(ValueError, match="bool keep mask"):
+        stats.select(torch.tensor([True, False]))
+
+
+def test_ridge_zero_equals_numpy_lstsq():
+    features, target = random_problem(4)
+    expected = np.linalg.lstsq(features.numpy(), target.numpy(), rcond=None)[0].T  # (d, k)
+    weight, report = solve_output_projection(stats_of(features, target), ZERO_WEIGHT, 0.0)
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=0, atol=1e-8)
+    assert report.solver == "cholesky" and report.ridge == 0.0 and not report.kept_current_weight
+    assert report.error_after == pytest.approx(direct_error(features, weight, target), rel=1e-9)
+
+
+def test_relative_ridge_equals_explicit_regularised_solution():
+    features, target = random_problem(5)
+    gram = features.T @ features
+    lam = 0.1 * float(gram.diagonal().mean())
+    expected = torch.linalg.solve(gram + lam * torch.eye(8, dtype=torch.float64), features.T @ target).T
+    weight, report = solve_output_projection(stats_of(features, target), ZERO_WEIGHT, 0.1)
+    torch.testing.assert_close(weight, expected, rtol=0, atol=1e-10)
+    assert report.ridge == pytest.approx(lam)
+
+
+def test_tuning_lowers_the_error_of_a_non_optimal_weight_and_keeps_dtype_and_device():
+    features, target = random_problem(6)
+    stats = stats_of(features, target)
+    current = torch.randn(5, 8, generator=torch.Generator().manual_seed(7)).float()
+    weight, report = solve_output_projection(stats, current)
+    assert weight.dtype == torch.float32 and weight.device == current.device and weight.shape == (5, 8)
+    assert report.error_before == pytest.approx(direct_error(features, current, target), rel=1e-9)
+    assert report.error_after == pytest.approx(direct_error(features, weight, target), rel=1e-9)
+    assert report.error_after < 0.5 * report.error_before
+    assert report.target_norm == pytest.approx(float(target.square().sum()))
+    assert report.relative_error_after == pytest.approx(report.error_after / report.target_norm)
+    assert report.relative_error_before > report.relative_error_after > 0
+
+
+def test_optimal_current_weight_is_kept_with_a_warning_when_the_ridge_would_worsen_it(caplog):
+    features, target = random_problem(8)
+    optimum = torch.from_numpy(np.linalg.lstsq(features.numpy(), target.numpy(), rcond=None)[0].T.copy())
+    with caplog.at_level(logging.WARNING, logger="kprune.tune"):
+        weight, report = solve_output_projection(stats_of(features, target), optimum, ridge=0.1)
+    assert torch.equal(weight, optimum)
+    assert report.kept_current_weight and report.error_after == report.error_before
+    assert "keeping the current weight" in caplog.text
+
+
+def test_rank_deficient_features_fall_back_to_lstsq_with_the_minimum_error(caplog):
+    features, target = random_problem(9, k=6)
+    features = torch.cat([features, features[:, :2]], dim=1)  # columns 6, 7 duplicate columns 0, 1
+    minimum_error = lstsq_minimum_error(features, target)
+    with caplog.at_level(logging.WARNING, logger="kprune.tune"):
+        weight, report = solve_output_projection(stats_of(features, target), ZERO_WEIGHT, ridge=0.0)
+    assert report.solver == "lstsq" and "falling back to lstsq" in caplog.text
+    assert not report.kept_current_weight
+    assert torch.isfinite(weight).all()
+    assert direct_error(features, weight, target) == pytest.approx(minimum_error, rel=1e-8)
+    assert report.error_after == pytest.approx(minimum_error, rel=1e-8)
+
+
+def test_rank_deficient_features_with_ridge_use_cholesky():
+    features, target = random_problem(10, k=6)
+    features = torch.cat([features, features[:, :2]], dim=1)
+    minimum_error = lstsq_minimum_error(features, target)
+    weight, report = solve_output_projection(stats_of(features, target), ZERO_WEIGHT)
+    assert report.solver == "cholesky" and torch.isfinite(weight).all()
+    assert report.error_after == pytest.approx(minimum_error, rel=1e-3)
+
+
+def test_all_zero_features_leave_the_target_as_error():
+    target = torch.randn(20, 3, generator=torch.Generator().manual_seed(11))
+    stats = stats_of(torch.zeros(20, 4), target)
+    weight, report = solve_output_projection(stats, torch.zeros(3, 4))
+    assert torch.isfinite(weight).all()
+    assert report.ridge == 0.0 and report.error_after == pytest.approx(float(target.double().square().sum()))
+
+
+def test_no_kept_features_returns_empty_weight():
+    features, target = random_problem(12)
+    stats = stats_of(features, target).select(torch.zeros(8, dtype=torch.bool))
+    weight, report = solve_output_projection(stats, torch.zeros(5, 0))
+    assert weight.shape == (5, 0)
+    norm = float(target.square().sum())
+    assert report.error_before == pytest.approx(norm) and report.error_after == pytest.approx(norm)
+    assert report.target_norm == pytest.approx(norm) and report.relative_error_after == pytest.approx(1.0)
+
+
+def test_relative_errors_are_zero_safe():
+    report = TuneReport(error_before=0.0, error_after=0.0, target_norm=0.0, ridge=0.0, solver="cholesky")
+    assert report.relative_error_before == 0.0 and report.relative_error_after == 0.0
+
+
+def test_bad_arguments_raise():
+    stats = stats_of(*random_problem(13))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        solve_output_projection(stats, torch.zeros(8, 5))
+    with pytest.raises(ValueError, match="ridge"):
+        solve_output_projection(stats, torch.zeros(5, 8), ridge=-1.0)
+
+
+def test_exact_reconstruction_is_not_resolved(caplog):
+    features = torch.randn(50, 4, dtype=torch.float64)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="kprune.tune"):
+        tuned, report = solve_output_projection(stats_of(features, features @ weight.T), weight, ridge=0.1)
+    assert torch.equal(tuned, weight) and report.solver == "exact" and caplog.text == ""
