@@ -1,9 +1,9 @@
 """kprune: retraining-free pruning of fine-tuned encoders with K-prune (Park, Choi, Kang, ICLR 2024).
 
-    import kprune
-    result = kprune.prune(model, tokenizer(texts, padding=True, return_tensors="pt"), flops_keep=0.5)
-    kprune.save_pruned(result.model, "pruned/", record=result.record, tokenizer=tokenizer)
-    model = kprune.load_pruned("pruned/")
+import kprune
+result = kprune.prune(model, tokenizer(texts, padding=True, return_tensors="pt"), flops_keep=0.5)
+kprune.save_pruned(result.model, "pruned/", record=result.record, tokenizer=tokenizer)
+model = kprune.load_pruned("pruned/")
 """
 
 from kprune.api import PruneRecord, PruneResult, prune

@@ -139,6 +139,8 @@ def prune(
     )
     logger.info(
         "K-prune kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",
-        100 * record.flops_kept, 100 * config.flops_keep, record.seconds,
+        100 * record.flops_kept,
+        100 * config.flops_keep,
+        record.seconds,
     )
     return PruneResult(student, record)

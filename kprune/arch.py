@@ -148,7 +148,7 @@ class _EncoderInputCaptured(Exception):
 
 
 def encoder_input(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The hidden states entering layer 0 (embeddings, plus ELECTRA's projection), without running the encoder."""
+    """The hidden states entering layer 0 (embeddings, plus ELECTRA's projection); the encoder is not run."""
 
     def capture(module, args, kwargs):
         raise _EncoderInputCaptured(args[0] if args else kwargs["hidden_states"])

@@ -16,7 +16,8 @@ class KPruneConfig:
     mu: extra weight of head scores. The reference code averages a head's knowledge over its d_h
         dimensions and multiplies by mu=64, which is the *sum* for BERT-base's d_h=64. kprune measures a
         head as a whole (one mask per head, representational knowledge summed over its dimensions), so
-        the same balance is mu=1 for every d_h; other values tilt the search towards (>1) or away from (<1) heads.
+        the same balance is mu=1 for every d_h; other values tilt the search towards (>1) or away
+        from (<1) heads.
     temperature: softmax temperature of the soft labels (reference: 2).
     tune_weights: refit each pruned sublayer's output projection by least squares.
     ridge: relative ridge of that least squares (times the mean diagonal of the Gram matrix).

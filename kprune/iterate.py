@@ -99,7 +99,11 @@ def measure(
 
 
 def search(
-    student: nn.Module, t: int, knowledge: Sequence[Knowledge], budget_left: float, seq_len: float,
+    student: nn.Module,
+    t: int,
+    knowledge: Sequence[Knowledge],
+    budget_left: float,
+    seq_len: float,
     config: KPruneConfig,
 ) -> torch.Tensor:
     """Keep-mask of sublayer t from the global ranking of all units of sublayers >= t."""
@@ -160,7 +164,10 @@ def tune(
 def advance(student: nn.Module, t: int, student_hidden: Sequence[torch.Tensor], batches: Batches):
     """The (pruned) student's output of sublayer t, i.e. its input to sublayer t+1."""
     sub = Sublayer(student, t)
-    return [sub.forward(hidden, batch["attention_mask"]) for hidden, batch in zip(student_hidden, batches)]
+    return [
+        sub.forward(hidden, batch["attention_mask"])
+        for hidden, batch in zip(student_hidden, batches, strict=True)
+    ]
 
 
 def run_step(
@@ -207,9 +214,13 @@ def run_step(
     )
     logger.info(
         "sublayer %d (layer %d %s): kept %d/%d units, reconstruction error %.4g -> %.4g (relative), %.1fs",
-        t, sub.layer, sub.kind, kept, units_before,
-        record.relative_error_before, record.relative_error_after, record.seconds,
+        t,
+        sub.layer,
+        sub.kind,
+        kept,
+        units_before,
+        record.relative_error_before,
+        record.relative_error_after,
+        record.seconds,
     )
     return PruneState(t + 1, student_next, teacher_next, record.budget_left, [*state.steps, record])
-
-

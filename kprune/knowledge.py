@@ -46,7 +46,7 @@ def loss_hessian_factor(
     projections: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """R with R^T R = Hessian of the per-example distillation loss in the logits, shape (B, rows, *logit_shape)."""
+    """R with R^T R = Hessian of the per-example distillation loss in the logits: (B, rows, *logit_shape)."""
     teacher_logits = teacher_logits.detach().double()
     if task == REGRESSION:
         outputs = teacher_logits.shape[1]
@@ -57,7 +57,8 @@ def loss_hessian_factor(
         classes = probs.shape[1]
         if classes - 1 <= projections:
             hessian = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-            eigenvalues, eigenvectors = torch.linalg.eigh(hessian)  # ascending; the first is the null direction
+            # eigh sorts ascending: the first eigenvector is the null direction (all logits shifted equally)
+            eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
             rows = eigenvalues[:, 1:].clamp_min(0).sqrt()[:, :, None] * eigenvectors[:, :, 1:].transpose(1, 2)
             return rows
         return _projected_softmax_factor(probs, projections, generator)
@@ -104,7 +105,7 @@ def measure_knowledge(
     for hidden, attention_mask, logits_t in zip(hidden_batches, attention_masks, teacher_logits, strict=True):
         valid = attention_mask.bool()
         masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
-        for position, (sub, mask) in enumerate(zip(subs, masks)):
+        for position, (sub, mask) in enumerate(zip(subs, masks, strict=True)):
             features = sub.features(hidden, attention_mask)
             squared = features.detach()[valid].double().pow(2).sum(0).cpu()  # (units, width)
             representational[position] += (squared * output_scale[position]).sum(-1)
@@ -116,9 +117,7 @@ def measure_knowledge(
         for row in range(rows):
             projected = (factor[:, row] * logits).sum()
             # allow_unused: a sublayer with no units left has a mask no output depends on
-            grads = torch.autograd.grad(
-                projected, masks, retain_graph=row < rows - 1, allow_unused=True
-            )
+            grads = torch.autograd.grad(projected, masks, retain_graph=row < rows - 1, allow_unused=True)
             for position, grad in enumerate(grads):
                 if grad is not None:
                     predictive[position] += grad.double().pow(2).sum(0).cpu()
@@ -126,7 +125,7 @@ def measure_knowledge(
         tokens += int(valid.sum())
     return [
         Knowledge(predictive=0.5 * pred / examples, representational=rep / tokens)
-        for pred, rep in zip(predictive, representational)
+        for pred, rep in zip(predictive, representational, strict=True)
     ]
 
 

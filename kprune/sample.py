@@ -17,10 +17,14 @@ def make_batches(
     Sorting by length (stable, so deterministic) keeps padding, and so wasted compute, small.
     """
     if "input_ids" not in sample or "attention_mask" not in sample:
-        raise ValueError("the sample must hold 'input_ids' and 'attention_mask' tensors (a tokenizer's output)")
+        raise ValueError(
+            "the sample must hold 'input_ids' and 'attention_mask' tensors (a tokenizer's output)"
+        )
     attention_mask = torch.as_tensor(sample["attention_mask"])
     if attention_mask.dim() != 2 or attention_mask.shape[0] == 0:
-        raise ValueError(f"the sample is empty or not (sequences, length): shape {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"the sample is empty or not (sequences, length): shape {tuple(attention_mask.shape)}"
+        )
     lengths = attention_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError(f"{int((lengths == 0).sum())} sequences of the sample have no tokens")

@@ -124,20 +124,20 @@ class Sublayer:
 
 def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear with only the given output rows (dim 0) or input columns (dim 1)."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(dim, index)
     bias = linear.bias
-    if bias is not None and dim == 0:
-        bias = bias.detach()[index.to(bias.device)]
-    # skip_init: the weights are overwritten anyway, and initialising zero-width layers warns.
-    new = torch.nn.utils.skip_init(
-        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    new.weight.data.copy_(weight)
     if bias is not None:
-        new.bias.data.copy_(bias.detach())
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    if new.bias is not None:
-        new.bias.requires_grad_(linear.bias.requires_grad)
+        bias = bias.detach()[index] if dim == 0 else bias.detach()
+    # Built without nn.Linear.__init__: its random init is wasted work and warns on zero-width layers.
+    new = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is None:
+        new.register_parameter("bias", None)
+    else:
+        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
     return new
 
 
@@ -163,7 +163,7 @@ def set_unit_counts(model: nn.Module, heads: list[int], neurons: list[int]) -> N
     counts = [count for pair in zip(heads, neurons, strict=True) for count in pair]
     if len(counts) != len(subs):
         raise ValueError(f"the structure has {len(counts) // 2} layers, the model {len(subs) // 2}")
-    for sub, count in zip(subs, counts):
+    for sub, count in zip(subs, counts, strict=True):
         if not 0 <= count <= sub.num_units:
             raise ValueError(f"sublayer {sub.index} cannot keep {count} of {sub.num_units} units")
         sub.keep_units(torch.arange(sub.num_units) < count)

@@ -39,8 +39,16 @@ def tiny_model(family: str = "bert", task: str = "classification", num_labels: i
     labels = 1 if task == "regression" else (2 if task == "qa" else num_labels)
     if family == "distilbert":
         config = DistilBertConfig(
-            vocab_size=VOCAB, dim=16, n_layers=2, n_heads=4, hidden_dim=24, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=labels,
+            vocab_size=VOCAB,
+            dim=16,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=24,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            num_labels=labels,
         )
         model_class = DistilBertForQuestionAnswering if task == "qa" else DistilBertForSequenceClassification
     else:
@@ -63,7 +71,9 @@ def tiny_model(family: str = "bert", task: str = "classification", num_labels: i
     return model
 
 
-def tiny_sample(num: int = 24, max_len: int = 12, seed: int = 0, pair: bool = True) -> dict[str, torch.Tensor]:
+def tiny_sample(
+    num: int = 24, max_len: int = 12, seed: int = 0, pair: bool = True
+) -> dict[str, torch.Tensor]:
     """Right-padded token ids with varied lengths, like a tokenizer's padded batch."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, max_len + 1, (num,), generator=generator)

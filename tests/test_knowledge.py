@@ -1,0 +1,181 @@
+"""Knowledge measurement against brute force: full Jacobians, autograd Hessians of the real loss, hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import model_inputs, tiny_model, tiny_sample
+
+from kprune.api import model_logits
+from kprune.arch import encoder_input, task_logits, task_of
+from kprune.knowledge import loss_hessian_factor, measure_knowledge, unit_scores
+from kprune.sublayer import sublayers
+
+T = 2.0
+
+
+def distillation_loss(task, logits, teacher_logits, valid):
+    """Per-example loss of one example, written directly from its definition."""
+    if task == "regression":
+        return (logits - teacher_logits).pow(2).mean()
+    if task == "classification":
+        return T**2 * F.kl_div(
+            F.log_softmax(logits / T, -1), F.softmax(teacher_logits / T, -1), reduction="sum"
+        )
+    start, end = (
+        T**2
+        * F.kl_div(
+            F.log_softmax(logits[valid, i] / T, -1),
+            F.softmax(teacher_logits[valid, i] / T, -1),
+            reduction="sum",
+        )
+        for i in (0, 1)
+    )
+    return 0.5 * (start + end)
+
+
+def masked_logits(model, hidden, attention_mask, masks):
+    for sub, mask in zip(sublayers(model), masks, strict=True):
+        features = sub.features(hidden, attention_mask) * mask[None, None, :, None]
+        hidden = sub.layer_norm(sub.residual_sum(hidden, features))
+    return task_logits(model, hidden)
+
+
+def brute_force_predictive(model, sample, task):
+    """0.5 * mean over examples of diag(J^T H J): J a full Jacobian, H autograd's Hessian of the loss."""
+    subs = sublayers(model)
+    sizes = [sub.num_units for sub in subs]
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+        hidden = encoder_input(model, sample)
+    total = torch.zeros(sum(sizes), dtype=torch.float64)
+    for b in range(hidden.shape[0]):
+        mask_b = sample["attention_mask"][b : b + 1]
+        valid = mask_b[0].bool()
+
+        def logits_of(flat_masks, hidden_b=hidden[b : b + 1], mask_b=mask_b):
+            return masked_logits(model, hidden_b, mask_b, torch.split(flat_masks, sizes))[0]
+
+        ones = torch.ones(sum(sizes))
+        jacobian = torch.autograd.functional.jacobian(logits_of, ones).reshape(-1, sum(sizes)).double()
+        teacher_b = teacher[b].double()
+        hessian = torch.autograd.functional.hessian(
+            lambda z, t=teacher_b, v=valid: distillation_loss(task, z.view_as(t), t, v), teacher_b.flatten()
+        )
+        total += ((jacobian.T @ hessian) * jacobian.T).sum(1)
+    return torch.split(0.5 * total / hidden.shape[0], sizes)
+
+
+def measure_all(model, sample, projections=8, seed=0):
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+        hidden = encoder_input(model, sample)
+    return measure_knowledge(
+        model,
+        sublayers(model),
+        [hidden],
+        [sample["attention_mask"]],
+        [teacher],
+        task_of(model),
+        temperature=T,
+        projections=projections,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@pytest.mark.parametrize(
+    "family,task,labels",
+    [
+        ("bert", "classification", 2),
+        ("bert", "classification", 4),
+        ("distilbert", "classification", 3),
+        ("roberta", "regression", 1),
+    ],
+)
+def test_predictive_knowledge_equals_brute_force(family, task, labels):
+    model = tiny_model(family, task, num_labels=labels)
+    sample = model_inputs(model, tiny_sample(num=6))
+    expected = brute_force_predictive(model, sample, task)
+    for known, exact in zip(measure_all(model, sample), expected, strict=True):
+        torch.testing.assert_close(known.predictive, exact, rtol=1e-4, atol=1e-9)
+
+
+def test_qa_predictive_knowledge_is_unbiased():
+    model = tiny_model("bert", "qa")
+    sample = tiny_sample(num=4, max_len=8)
+    expected = torch.cat(brute_force_predictive(model, sample, "qa"))
+    estimate = torch.cat([k.predictive for k in measure_all(model, sample, projections=3000)])
+    torch.testing.assert_close(estimate, expected, rtol=0.15, atol=1e-6 * float(expected.max()))
+
+
+def test_predictive_knowledge_is_nonzero_when_student_equals_teacher():
+    """At iteration 0 the KL gradient is exactly zero (the reference code's predictive knowledge vanishes),
+    but the Fisher is not, and 0.5 F_ii predicts the KL growth of shrinking a mask:
+    KL(1 - eps) ~ 0.5 eps^2 F_ii."""
+    model = tiny_model("bert", "classification", num_labels=3).double()
+    sample = tiny_sample(num=8)
+    knowledge = measure_all(model, sample)
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+        hidden = encoder_input(model, sample)
+    sizes = [sub.num_units for sub in sublayers(model)]
+
+    def mean_kl(flat_masks):
+        logits = masked_logits(model, hidden, sample["attention_mask"], torch.split(flat_masks, sizes))
+        loss = T**2 * F.kl_div(F.log_softmax(logits / T, -1), F.softmax(teacher / T, -1), reduction="sum")
+        return loss / hidden.shape[0]
+
+    ones = torch.ones(sum(sizes), dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(mean_kl(ones), ones)
+    assert gradient.abs().max() < 1e-10
+    predictive = torch.cat([k.predictive for k in knowledge])
+    assert (predictive > 0).all()
+    eps = 1e-3
+    for unit in [0, sizes[0] + 5, sum(sizes) - 1]:
+        shrunk = torch.ones(sum(sizes), dtype=torch.float64)
+        shrunk[unit] = 1 - eps
+        with torch.no_grad():
+            growth = mean_kl(shrunk)
+        torch.testing.assert_close(growth / eps**2, predictive[unit], rtol=1e-2, atol=0)
+
+
+def test_representational_knowledge_equals_hooked_computation():
+    model = tiny_model("electra")
+    sample = tiny_sample(num=10)
+    captured = {}
+    handles = [
+        sub.output.register_forward_pre_hook(lambda m, args, i=sub.index: captured.__setitem__(i, args[0]))
+        for sub in sublayers(model)
+    ]
+    with torch.no_grad():
+        model(**sample)
+    for handle in handles:
+        handle.remove()
+    valid = sample["attention_mask"].bool()
+    for known, sub in zip(measure_all(model, sample), sublayers(model), strict=True):
+        x = captured[sub.index][valid]  # (tokens, units * width): the HF model's own output-projection input
+        per_feature = x.pow(2).sum(0) * sub.output.weight.pow(2).sum(0) / sub.output.out_features
+        expected = per_feature.view(sub.num_units, sub.width).sum(1) / valid.sum()
+        torch.testing.assert_close(known.representational, expected.double(), rtol=1e-4, atol=1e-10)
+
+
+def test_hessian_factor_reproduces_the_loss_hessian():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    factor = loss_hessian_factor("classification", logits, torch.ones(5, 1), T, projections=8)
+    assert factor.shape == (5, 3, 4)
+    for b in range(5):
+        hessian = torch.autograd.functional.hessian(
+            lambda z, teacher=logits[b]: distillation_loss("classification", z, teacher, None), logits[b]
+        )
+        torch.testing.assert_close(factor[b].T @ factor[b], hessian)
+
+
+def test_scores_are_knowledge_per_flop_with_head_weight():
+    from kprune.knowledge import Knowledge
+
+    known = Knowledge(predictive=torch.tensor([2.0, 0.0]), representational=torch.tensor([0.0, 4.0]))
+    torch.testing.assert_close(
+        unit_scores(known, 10.0, is_head=False, lam_pred=1.0, lam_rep=0.5), torch.tensor([0.2, 0.2])
+    )
+    torch.testing.assert_close(
+        unit_scores(known, 10.0, is_head=True, lam_pred=1.0, lam_rep=0.5, mu=3.0), torch.tensor([0.6, 0.6])
+    )
