@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from kprune.arch import QUESTION_ANSWERING, encoder_input, family_of, task_of
 from kprune.config import KPruneConfig
-from kprune.iterate import PruneState, StepRecord, run_step
+from kprune.iterate import PruneState, StepRecord, run_step, teacher_step
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import encoder_flops_of, sublayers
 
@@ -114,12 +114,13 @@ def prune(
         hidden = [encoder_input(teacher, batch) for batch in batches]
     flops_original = encoder_flops_of(student, seq_len)
     budget = config.flops_keep * flops_original
-    state = PruneState(0, hidden, hidden, budget)
+    state, teacher_hidden = PruneState(0, hidden, budget), hidden
     generator = torch.Generator().manual_seed(config.seed)
 
     total = len(sublayers(student))
     for _ in tqdm(range(total), desc="K-prune sublayers", disable=not progress):
-        state = run_step(state, student, teacher, batches, teacher_logits, task, seq_len, config, generator)
+        targets, teacher_hidden = teacher_step(teacher, state.sublayer, teacher_hidden, batches)
+        state = run_step(state, student, batches, teacher_logits, targets, task, seq_len, config, generator)
 
     record = PruneRecord(
         source=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),

@@ -62,7 +62,6 @@ class PruneState:
 
     sublayer: int
     student_hidden: list[torch.Tensor]  # the student's input to `sublayer`, per batch
-    teacher_hidden: list[torch.Tensor]  # the teacher's input to `sublayer`, per batch
     budget_left: float  # FLOPs the sublayers >= `sublayer` may use
     steps: list[StepRecord] = field(default_factory=list)
 
@@ -173,20 +172,22 @@ def advance(student: nn.Module, t: int, student_hidden: Sequence[torch.Tensor], 
 def run_step(
     state: PruneState,
     student: nn.Module,
-    teacher: nn.Module,
     batches: Batches,
     teacher_logits: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
     task: str,
     seq_len: float,
     config: KPruneConfig,
     generator: torch.Generator | None = None,
 ) -> PruneState:
-    """One full iteration on sublayer ``state.sublayer``; returns the state for the next sublayer."""
+    """One full iteration on sublayer ``state.sublayer``; returns the state for the next sublayer.
+
+    ``targets`` are the teacher's pre-LayerNorm residual sums at this sublayer (see ``teacher_step``).
+    """
     start = time.perf_counter()
     t = state.sublayer
     knowledge = measure(student, t, state.student_hidden, batches, teacher_logits, task, config, generator)
     keep = search(student, t, knowledge, state.budget_left, seq_len, config)
-    targets, teacher_next = teacher_step(teacher, t, state.teacher_hidden, batches)
     weight, report = tune(student, t, keep, state.student_hidden, batches, targets, config)
     sub = Sublayer(student, t)
     units_before, cost = sub.num_units, unit_flops(sub, seq_len)
@@ -223,4 +224,4 @@ def run_step(
         record.relative_error_after,
         record.seconds,
     )
-    return PruneState(t + 1, student_next, teacher_next, record.budget_left, [*state.steps, record])
+    return PruneState(t + 1, student_next, record.budget_left, [*state.steps, record])
