@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kprune.knowledge import FISHER, PREDICTIVE_MODES
+
 
 @dataclass(frozen=True)
 class KPruneConfig:
@@ -23,6 +25,8 @@ class KPruneConfig:
     ridge: relative ridge of that least squares (times the mean diagonal of the Gram matrix).
     projections: random projections per example for the Fisher of QA and of classifiers with more than
         projections + 1 classes (exact otherwise).
+    predictive_knowledge: "fisher" (per-example Fisher, non-zero at iteration 0) or "batch-gradient"
+        (the reference code's squared batch-mean gradients; for ablations).
     batch_size: sequences per forward pass; seed: seeds the random projections.
     """
 
@@ -35,6 +39,7 @@ class KPruneConfig:
     tune_weights: bool = True
     ridge: float = 1e-4
     projections: int = 8
+    predictive_knowledge: str = FISHER
     batch_size: int = 32
     seed: int = 0
 
@@ -50,6 +55,10 @@ class KPruneConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.predictive_knowledge not in PREDICTIVE_MODES:
+            raise ValueError(
+                f"predictive_knowledge must be one of {PREDICTIVE_MODES}, got {self.predictive_knowledge!r}"
+            )
         if self.batch_size < 1 or self.projections < 1:
             raise ValueError("batch_size and projections must be >= 1")
 

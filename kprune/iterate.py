@@ -94,6 +94,7 @@ def measure(
         temperature=config.temperature,
         projections=config.projections,
         generator=generator,
+        predictive=config.predictive_knowledge,
     )
 
 

@@ -29,6 +29,36 @@ import torch.nn.functional as F
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
 from kprune.sublayer import Sublayer
 
+FISHER = "fisher"
+BATCH_GRADIENT = "batch-gradient"
+PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
+
+
+def distillation_loss(
+    task: str,
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-example loss (B,): T^2 KL(teacher || student) on soft labels; MSE for regression;
+    for QA the mean of the start and end KL over the valid positions."""
+    if task == REGRESSION:
+        return (logits - teacher_logits).pow(2).mean(-1)
+    if task == CLASSIFICATION:
+        return _soft_kl(logits, teacher_logits, temperature, dim=-1)
+    if task == QUESTION_ANSWERING:
+        invalid = ~attention_mask.bool()[:, :, None]
+        logits, teacher_logits = logits.masked_fill(invalid, -1e4), teacher_logits.masked_fill(invalid, -1e4)
+        return _soft_kl(logits, teacher_logits, temperature, dim=1).mean(-1)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _soft_kl(logits, teacher_logits, temperature, dim):
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=dim)
+    log_probs = F.log_softmax(logits / temperature, dim=dim)
+    return temperature**2 * (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(dim)
+
 
 @dataclass
 class Knowledge:
@@ -91,14 +121,18 @@ def measure_knowledge(
     temperature: float = 2.0,
     projections: int = 8,
     generator: torch.Generator | None = None,
+    predictive: str = FISHER,
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
 
     ``hidden_batches[b]`` is the student's input to ``subs[0]`` for batch b; the forward runs from
     there to the logits with one mask variable per (example, unit), so one backward pass per Hessian
-    row yields per-example gradients.
+    row yields per-example gradients. ``predictive="batch-gradient"`` reproduces the reference code
+    (squared gradients of the batch-mean loss, zero while the student equals the teacher), for ablations.
     """
-    predictive = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+    if predictive not in PREDICTIVE_MODES:
+        raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
+    predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     representational = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     output_scale = [sub.output_column_norms().double().cpu() / sub.output.out_features for sub in subs]
     examples, tokens = 0, 0
@@ -111,21 +145,30 @@ def measure_knowledge(
             representational[position] += (squared * output_scale[position]).sum(-1)
             hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
         logits = task_logits(model, hidden)
-        factor = loss_hessian_factor(task, logits_t, attention_mask, temperature, projections, generator)
-        factor = factor.to(logits.dtype)
-        rows = factor.shape[1] if logits.requires_grad else 0  # no units left above: nothing to measure
-        for row in range(rows):
-            projected = (factor[:, row] * logits).sum()
-            # allow_unused: a sublayer with no units left has a mask no output depends on
-            grads = torch.autograd.grad(projected, masks, retain_graph=row < rows - 1, allow_unused=True)
-            for position, grad in enumerate(grads):
-                if grad is not None:
-                    predictive[position] += grad.double().pow(2).sum(0).cpu()
+        if logits.requires_grad:  # False only when no unit is left above: nothing to measure
+            if predictive == FISHER:
+                factor = loss_hessian_factor(
+                    task, logits_t, attention_mask, temperature, projections, generator
+                )
+                outputs = [(row * logits).sum() for row in factor.to(logits.dtype).unbind(1)]
+                per_example = True
+            else:
+                outputs = [distillation_loss(task, logits, logits_t, attention_mask, temperature).mean()]
+                per_example = False
+            for number, output in enumerate(outputs):
+                # allow_unused: a sublayer with no units left has a mask no output depends on
+                grads = torch.autograd.grad(
+                    output, masks, retain_graph=number < len(outputs) - 1, allow_unused=True
+                )
+                for position, grad in enumerate(grads):
+                    if grad is not None:
+                        squared = grad.double().pow(2).sum(0) if per_example else grad.double().sum(0).pow(2)
+                        predictive_sums[position] += squared.cpu()
         examples += hidden.shape[0]
         tokens += int(valid.sum())
     return [
         Knowledge(predictive=0.5 * pred / examples, representational=rep / tokens)
-        for pred, rep in zip(predictive, representational, strict=True)
+        for pred, rep in zip(predictive_sums, representational, strict=True)
     ]
 
 

@@ -7,6 +7,7 @@ from tiny import model_inputs, tiny_model, tiny_sample
 
 from kprune.api import model_logits
 from kprune.arch import encoder_input, task_logits, task_of
+from kprune.knowledge import distillation_loss as distillation_loss_lib
 from kprune.knowledge import loss_hessian_factor, measure_knowledge, unit_scores
 from kprune.sublayer import sublayers
 
@@ -179,3 +180,41 @@ def test_scores_are_knowledge_per_flop_with_head_weight():
     torch.testing.assert_close(
         unit_scores(known, 10.0, is_head=True, lam_pred=1.0, lam_rep=0.5, mu=3.0), torch.tensor([0.6, 0.6])
     )
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "qa"])
+def test_library_loss_matches_its_definition(task):
+    model = tiny_model("bert", task)
+    sample = tiny_sample(num=5)
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+    student = teacher + 0.3 * torch.randn_like(teacher)
+    losses = distillation_loss_lib(task_of(model), student, teacher, sample["attention_mask"], T)
+    for b in range(5):
+        valid = sample["attention_mask"][b].bool()
+        expected = distillation_loss(task, student[b], teacher[b], valid)
+        torch.testing.assert_close(losses[b], expected)
+
+
+def test_reference_batch_gradient_knowledge_vanishes_at_the_teacher_and_matches_its_definition():
+    model = tiny_model("bert", "classification", num_labels=3).double()
+    sample = tiny_sample(num=8)
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+        hidden = encoder_input(model, sample)
+    subs, mask = sublayers(model), [sample["attention_mask"]]
+
+    def reference(teacher_logits):
+        known = measure_knowledge(
+            model, subs, [hidden], mask, [teacher_logits], "classification", T, predictive="batch-gradient"
+        )
+        return torch.cat([k.predictive for k in known])
+
+    assert reference(teacher).abs().max() < 1e-20
+    shifted = teacher + torch.randn_like(teacher)  # a student that differs from its teacher
+    sizes = [sub.num_units for sub in subs]
+    ones = torch.ones(sum(sizes), dtype=torch.float64, requires_grad=True)
+    logits = masked_logits(model, hidden, sample["attention_mask"], torch.split(ones, sizes))
+    loss = sum(distillation_loss("classification", logits[b], shifted[b], None) for b in range(8)) / 8
+    (gradient,) = torch.autograd.grad(loss, ones)
+    torch.testing.assert_close(reference(shifted), 0.5 * gradient.pow(2) / 8)
