@@ -7,6 +7,7 @@ from transformers import (
     BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertTokenizerFast,
     DistilBertConfig,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
@@ -92,3 +93,23 @@ def model_inputs(model, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if model.config.model_type == "distilbert":
         return {k: v for k, v in sample.items() if k != "token_type_ids"}
     return sample
+
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [f"word{index}" for index in range(40)]  # one token each
+
+
+def tiny_tokenizer(folder) -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer over SPECIAL + WORDS (45 ids, within tiny.VOCAB)."""
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
+    return BertTokenizerFast(vocab=str(vocab))
+
+
+def sentences(num: int, seed: int = 0, min_words: int = 1, max_words: int = 12) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_words, max_words + 1, (num,), generator=generator)
+    return [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator))
+        for n in lengths
+    ]

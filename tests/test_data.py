@@ -1,0 +1,157 @@
+import logging
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+from tiny import sentences, tiny_model, tiny_tokenizer
+
+from kprune.data import (
+    check_columns,
+    choose_sample_rows,
+    draw_sample,
+    drop_incomplete_rows,
+    encode_labels,
+    load_table,
+    tokenize,
+)
+
+FRAME = pd.DataFrame(
+    {"sentence": ["word1 word2", "word3", "word4 word5 word6"], "label": ["pos", "neg", "pos"]}
+)
+
+
+def write_table(frame: pd.DataFrame, folder, kind: str):
+    path = folder / f"table.{kind}"
+    if kind == "csv":
+        frame.to_csv(path, index=False)
+    elif kind == "tsv":
+        frame.to_csv(path, sep="\t", index=False)
+    elif kind == "json":
+        frame.to_json(path, orient="records")
+    elif kind == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif kind == "parquet":
+        frame.to_parquet(path)
+    else:
+        path = folder / "saved"
+        datasets.Dataset.from_pandas(frame).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "json", "jsonl", "parquet", "save_to_disk"])
+def test_load_table_reads_each_format(tmp_path, kind):
+    table = load_table(write_table(FRAME, tmp_path, kind))
+    assert table.column_names == ["sentence", "label"]
+    assert list(table["sentence"]) == FRAME["sentence"].tolist()
+    assert list(table["label"]) == FRAME["label"].tolist()
+
+
+def test_load_table_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        load_table(tmp_path / "missing.csv")
+    (tmp_path / "table.xlsx").write_text("x")
+    with pytest.raises(ValueError, match=r"unknown extension '\.xlsx'.*\.csv"):
+        load_table(tmp_path / "table.xlsx")
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(FRAME)})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"splits \['train'\].*splits/train"):
+        load_table(tmp_path / "splits")
+
+
+def test_missing_columns_are_named_with_the_available_ones():
+    table = datasets.Dataset.from_pandas(FRAME)
+    with pytest.raises(ValueError) as error:
+        check_columns(table, ["text", "sentence", "gold"], ["text"])
+    assert str(error.value) == "column 'text', 'gold' not in the data; available columns: sentence, label"
+    with pytest.raises(ValueError, match="'label' must hold text"):
+        check_columns(datasets.Dataset.from_dict({"label": [1, 2]}), ["label"], ["label"])
+
+
+def test_incomplete_rows_are_skipped_and_counted(caplog):
+    table = datasets.Dataset.from_dict(
+        {
+            "text": ["word1", None, "", "  \t", "word2", "word3", "word4"],
+            "pair": ["word5", "word5", "word5", "word5", None, "word6", "word7"],
+            "label": [0, 1, 0, 1, 0, None, 1],
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="kprune"):
+        kept, dropped = drop_incomplete_rows(table, ["text"])
+    assert (list(kept["text"]), dropped) == (["word1", "word2", "word3", "word4"], 3)
+    assert "skipped 3 of 7 rows" in caplog.text
+
+    kept, dropped = drop_incomplete_rows(table, ["text", "pair"], ["label"])
+    assert (list(kept["text"]), dropped) == (["word1", "word4"], 5)
+
+    kept, dropped = drop_incomplete_rows(kept, ["text"])
+    assert (len(kept), dropped) == (2, 0)
+
+
+def test_tokenize_pads_pairs_and_counts_truncated_rows(tmp_path, caplog):
+    tokenizer = tiny_tokenizer(tmp_path)
+    table = datasets.Dataset.from_dict(
+        {"a": ["word1", "word1 word2 word3 word4", "word2 word3"], "b": ["word5", "word6", "word7 word8"]}
+    )
+    with caplog.at_level(logging.INFO, logger="kprune"):
+        inputs = tokenize(table, tokenizer, "a", max_length=5)
+    assert "3 rows; 1 truncated to max_length 5" in caplog.text
+    assert inputs["attention_mask"].sum(1).tolist() == [3, 5, 4]  # [CLS] words [SEP], cut at 5
+    assert inputs["input_ids"][1].tolist() == tokenizer.convert_tokens_to_ids(
+        ["[CLS]", "word1", "word2", "word3", "[SEP]"]
+    )
+
+    inputs = tokenize(table, tokenizer, "a", "b", max_length=16)
+    assert inputs["attention_mask"].sum(1).tolist() == [5, 8, 7]
+    assert inputs["token_type_ids"].sum(1).tolist() == [2, 2, 3]  # second text and its [SEP]
+
+
+def test_sample_holds_about_num_tokens_and_is_seeded(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    table = datasets.Dataset.from_dict({"text": sentences(600)})
+    max_length = 10
+    sample = draw_sample(table, tokenizer, num_tokens=1000, seed=3, max_length=max_length)
+    total = int(sample["attention_mask"].sum())
+    assert 1000 <= total < 1000 + max_length  # rows are added until the total reaches num_tokens
+    assert sample["input_ids"].shape[1] <= max_length
+
+    again = draw_sample(table, tokenizer, num_tokens=1000, seed=3, max_length=max_length)
+    assert all(torch.equal(sample[name], again[name]) for name in sample)
+    rows = choose_sample_rows(table, tokenizer, 1000, seed=3, max_length=max_length)
+    assert rows != choose_sample_rows(table, tokenizer, 1000, seed=4, max_length=max_length)
+    assert len(set(rows)) == len(rows) == len(sample["input_ids"])
+
+
+def test_sample_takes_every_row_of_a_small_table(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    table = datasets.Dataset.from_dict({"text": sentences(30)})
+    assert choose_sample_rows(table, tokenizer, num_tokens=10**6) == list(range(30))
+    with pytest.raises(ValueError, match="num_tokens must be positive"):
+        choose_sample_rows(table, tokenizer, num_tokens=0)
+
+
+def named_classifier():
+    model = tiny_model("bert", num_labels=3)
+    model.config.id2label = {0: "pos", 1: "neg", 2: "neutral"}  # not in sorted order
+    model.config.label2id = {"pos": 0, "neg": 1, "neutral": 2}
+    return model
+
+
+def test_labels_are_mapped_through_the_model_label_names():
+    model = named_classifier()
+    assert encode_labels(["pos", "neg", "pos", "neutral"], model).tolist() == [0, 1, 0, 2]
+    assert encode_labels([2, 0, 1], model).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match=r"unknown labels \['positive'\]; the model's labels are"):
+        encode_labels(["pos", "positive"], model)
+    with pytest.raises(ValueError, match=r"labels \[3\] are not class ids of a 3-class model"):
+        encode_labels([0, 3], model)
+
+
+def test_string_labels_need_named_labels_and_regression_needs_numbers():
+    with pytest.raises(ValueError, match="does not name its labels"):
+        encode_labels(["pos", "neg"], tiny_model("bert", num_labels=2))
+    regressor = tiny_model("bert", task="regression")
+    labels = encode_labels([0.5, 2.0, 4], regressor)
+    assert labels.dtype == torch.float32 and labels.tolist() == [0.5, 2.0, 4.0]
+    with pytest.raises(ValueError, match="numeric labels"):
+        encode_labels(["high"], regressor)
