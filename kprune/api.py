@@ -115,12 +115,11 @@ def prune(
     flops_original = encoder_flops_of(student, seq_len)
     budget = config.flops_keep * flops_original
     state, teacher_hidden = PruneState(0, hidden, budget), hidden
-    generator = torch.Generator().manual_seed(config.seed)
 
     total = len(sublayers(student))
     for _ in tqdm(range(total), desc="K-prune sublayers", disable=not progress):
         targets, teacher_hidden = teacher_step(teacher, state.sublayer, teacher_hidden, batches)
-        state = run_step(state, student, batches, teacher_logits, targets, task, seq_len, config, generator)
+        state = run_step(state, student, batches, teacher_logits, targets, task, seq_len, config)
 
     record = PruneRecord(
         source=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),

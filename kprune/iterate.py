@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,6 +74,11 @@ def unit_flops(sub: Sublayer, seq_len: float) -> float:
     return neuron_flops(hidden, seq_len)
 
 
+def step_generator(seed: int, t: int) -> torch.Generator:
+    """The random generator of step t: a function of the seed and the step only."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, t]).generate_state(1)[0]))
+
+
 def measure(
     student: nn.Module,
     t: int,
@@ -81,9 +87,12 @@ def measure(
     teacher_logits: Sequence[torch.Tensor],
     task: str,
     config: KPruneConfig,
-    generator: torch.Generator | None = None,
 ) -> list[Knowledge]:
-    """Knowledge of every unit of sublayers t, t+1, ..., 2L-1."""
+    """Knowledge of every unit of sublayers t, t+1, ..., 2L-1.
+
+    The random projections (QA, many classes) are seeded by (config.seed, t) alone, so a step gives the
+    same result whether the run went straight through or resumed at t.
+    """
     return measure_knowledge(
         student,
         sublayers(student)[t:],
@@ -93,7 +102,7 @@ def measure(
         task,
         temperature=config.temperature,
         projections=config.projections,
-        generator=generator,
+        generator=step_generator(config.seed, t),
         predictive=config.predictive_knowledge,
     )
 
@@ -179,7 +188,6 @@ def run_step(
     task: str,
     seq_len: float,
     config: KPruneConfig,
-    generator: torch.Generator | None = None,
 ) -> PruneState:
     """One full iteration on sublayer ``state.sublayer``; returns the state for the next sublayer.
 
@@ -187,7 +195,7 @@ def run_step(
     """
     start = time.perf_counter()
     t = state.sublayer
-    knowledge = measure(student, t, state.student_hidden, batches, teacher_logits, task, config, generator)
+    knowledge = measure(student, t, state.student_hidden, batches, teacher_logits, task, config)
     keep = search(student, t, knowledge, state.budget_left, seq_len, config)
     weight, report = tune(student, t, keep, state.student_hidden, batches, targets, config)
     sub = Sublayer(student, t)
