@@ -1,4 +1,7 @@
-"""The ``kprune`` command: ``prune`` a fine-tuned model on local data, ``eval`` a model, run the ``demo``.
+"""The ``kprune`` command: ``prune`` a fine-tuned model on task data, ``eval`` a model, run the ``demo``.
+
+Data is a registry task (``--task glue/mrpc``, ``--task squad``: columns, labels and metrics filled in,
+loaded from the hub unless ``--data`` gives a local file) or a local file with column options.
 
 Mistakes a user can make (a missing file or column, a bad budget, an unsupported model) end in one
 line ``kprune: error: ...`` and exit code 2; ``--verbose`` adds the traceback.
@@ -22,19 +25,13 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kprune.api import PruneRecord, prune, resolve_device
-from kprune.arch import QUESTION_ANSWERING, UnsupportedModelError, family_of, task_of
+from kprune.arch import UnsupportedModelError, family_of, task_of
 from kprune.config import KPruneConfig
-from kprune.data import (
-    DEFAULT_NUM_TOKENS,
-    draw_sample,
-    drop_incomplete_rows,
-    encode_labels,
-    load_table,
-    text_columns,
-    tokenize,
-)
-from kprune.evaluate import predict, task_metrics
+from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
+from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import is_pruned_folder, load_pruned, read_meta, save_pruned
+from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
+from kprune.tasks import TASKS, TaskSpec, custom_task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -128,21 +125,60 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     noise.add_argument("--verbose", action="store_true", help="debug logging; tracebacks on errors")
 
 
-def _add_text_columns(parser: argparse.ArgumentParser) -> None:
+def _add_task_data(parser: argparse.ArgumentParser, data_help: str, qa_answers: bool) -> None:
+    """--task, --data, --hub-dataset, the column options, --max-length and --stride."""
     parser.add_argument(
-        "--text-column", default="text", metavar="NAME", help="column holding the input text (default text)"
+        "--task",
+        metavar="NAME",
+        help=f"a known task: {', '.join(TASKS)} (short names like mrpc work). It sets the columns, "
+        "labels and metrics, and loads the data from the hub unless --data is given. Without it, "
+        "--data is read with the column options and the model's head decides the task",
     )
+    parser.add_argument("--data", metavar="PATH", help=data_help)
     parser.add_argument(
+        "--hub-dataset",
+        metavar="ID_OR_DIR",
+        help="where the --task's hub data set lives, e.g. a local copy of the hub repository "
+        "(default: the task's, e.g. nyu-mll/glue)",
+    )
+    columns = parser.add_argument_group(
+        "columns", "names of the data's columns (default: the --task's, else the name shown)"
+    )
+    columns.add_argument("--text-column", metavar="NAME", help="the input text (default text)")
+    columns.add_argument(
         "--text-pair-column",
         metavar="NAME",
-        help="column holding the second text of sentence-pair tasks (e.g. the hypothesis; default none)",
+        help="the second text of sentence-pair tasks (e.g. the hypothesis; default none)",
     )
+    columns.add_argument("--question-column", metavar="NAME", help="QA: the question (default question)")
+    columns.add_argument("--context-column", metavar="NAME", help="QA: the context (default context)")
+    if qa_answers:
+        columns.add_argument(
+            "--answers-column",
+            metavar="NAME",
+            help="QA: the answers, SQuAD style {'text': [...], 'answer_start': [...]}, in JSON(L), "
+            "Parquet or a datasets folder (default answers)",
+        )
     parser.add_argument(
         "--max-length",
         type=POSITIVE_INT,
         metavar="N",
-        default=128,
-        help="tokens per sequence; longer rows are truncated and counted in the log (default 128)",
+        help="tokens per sequence (default 128, 384 for QA); longer rows are truncated and counted "
+        "in the log, long QA contexts are cut into overlapping windows",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        metavar="N",
+        default=STRIDE,
+        help=f"QA: context tokens shared by consecutive windows of a long context (default {STRIDE})",
+    )
+    parser.add_argument(
+        "--max-question-tokens",
+        type=POSITIVE_INT,
+        metavar="N",
+        default=MAX_QUESTION_TOKENS,
+        help=f"QA: longer questions are cut to N tokens, counted in the log (default {MAX_QUESTION_TOKENS})",
     )
 
 
@@ -168,18 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuned *ForSequenceClassification or *ForQuestionAnswering model: a local folder, "
         "a hub id, or a folder written by kprune (pruned further)",
     )
-    prune_parser.add_argument(
-        "--data",
-        required=True,
-        metavar="PATH",
-        help="the task's training rows: a .csv, .tsv, .json, .jsonl or .parquet file or a datasets "
-        "save_to_disk folder; labels are not needed",
-    )
     _add_budget(prune_parser, required=True)
     prune_parser.add_argument(
         "--out", required=True, metavar="DIR", help="folder to write the pruned model to"
     )
-    _add_text_columns(prune_parser)
+    _add_task_data(
+        prune_parser,
+        "the task's training rows: a .csv, .tsv, .json, .jsonl or .parquet file or a datasets "
+        "save_to_disk folder; labels are not needed (default with --task: its hub train split)",
+        qa_answers=False,
+    )
     prune_parser.add_argument(
         "--num-tokens",
         type=POSITIVE_INT,
@@ -188,12 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the calibration sample in tokens: seeded random rows are drawn until they hold "
         f"this many (default {DEFAULT_NUM_TOKENS}, as in the paper)",
     )
-    prune_parser.add_argument(
+    seq_len = prune_parser.add_mutually_exclusive_group()
+    seq_len.add_argument(
         "--seq-len",
         type=POSITIVE,
         metavar="S",
         help="sequence length s of the FLOPs model (default: the sample's average token count); pass "
         "the task's average length to compare budgets across runs",
+    )
+    seq_len.add_argument(
+        "--reference-seq-len",
+        action="store_true",
+        help="use the paper's average token length of the --task as s (SST-2 25.16, MRPC 53.24, "
+        "STS-B 31.47, QQP 30.55, QNLI 50.97, MNLI 39.05, SQuAD 170)",
     )
     prune_parser.add_argument(
         "--lam-pred",
@@ -243,10 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser(
         "eval",
-        help="evaluate a classifier or regressor on labelled data; prints JSON",
-        description="Evaluate a model on labelled rows and print the metrics as JSON on stdout: accuracy "
-        "and macro F1 for classifiers, mse, pearson and spearman for regressors, and the FLOPs kept "
-        "for a folder written by kprune. Question answering is not supported yet.",
+        help="evaluate a model on a task's dev data; prints JSON",
+        description="Evaluate a model on labelled rows and print the metrics as JSON on stdout, as "
+        "fractions in [0, 1]: the --task's official metrics (accuracy; F1 for MRPC and QQP; Pearson "
+        "and Spearman for STS-B; Matthews correlation for CoLA; exact match and F1 for SQuAD), else "
+        "accuracy and macro F1 for classifiers, mse, Pearson and Spearman for regressors, exact match "
+        "and F1 for QA; and the FLOPs kept for a folder written by kprune.",
+        epilog="examples: kprune eval --model pruned/ --task glue/mnli --split validation_mismatched; "
+        "kprune eval --model pruned/ --task squad_v2 --data dev.jsonl",
     )
     eval_parser.add_argument(
         "--model",
@@ -254,17 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_PATH",
         help="a kprune folder, a local model folder or a hub id",
     )
-    eval_parser.add_argument(
-        "--data", required=True, metavar="PATH", help="labelled rows, in the formats of 'kprune prune'"
+    _add_task_data(
+        eval_parser,
+        "labelled rows, in the formats of 'kprune prune' (default with --task: its hub dev split)",
+        qa_answers=True,
     )
     eval_parser.add_argument(
         "--label-column",
-        default="label",
         metavar="NAME",
-        help="column holding the labels: class ids, the model's label names, or numbers for a "
-        "regressor (default label)",
+        help="column holding the labels: class ids or label names (the --task's, else the model's), "
+        "or numbers for a regressor (default label)",
     )
-    _add_text_columns(eval_parser)
+    eval_parser.add_argument(
+        "--split",
+        metavar="NAME",
+        help="the hub split to evaluate (default: the --task's dev split; MNLI: validation_matched, "
+        "or validation_mismatched)",
+    )
+    eval_parser.add_argument(
+        "--no-answer-threshold",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help='SQuAD v2: answer "" when the no-answer score beats the best span\'s by more than T '
+        "(default 0; write a negative T as --no-answer-threshold=-1.5)",
+    )
     eval_parser.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
@@ -357,10 +416,21 @@ def _budget(args: argparse.Namespace, default: float | None = None) -> float:
     return default
 
 
-def _check_max_length(model: nn.Module, tokenizer, max_length: int) -> None:
-    limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
-    if max_length > limit:
-        raise ValueError(f"--max-length {max_length} is longer than the model's {limit} positions")
+def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
+    """The --task (or a task of the model's kind) with the column options given on the command line."""
+    if args.task is None and args.data is None:
+        raise ValueError("give --data (a local file) or --task (a known task, loaded from the hub)")
+    if args.task is None and args.hub_dataset is not None:
+        raise ValueError("--hub-dataset needs a --task: it says where that task's data lives")
+    task = get_task(args.task) if args.task is not None else custom_task(task_of(model))
+    return task.with_columns(
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        question_column=args.question_column,
+        context_column=args.context_column,
+        label_column=getattr(args, "label_column", None),
+        answers_column=getattr(args, "answers_column", None),
+    )
 
 
 def _check_output_folder(path: Path) -> None:
@@ -388,12 +458,20 @@ def summary(record: PruneRecord) -> str:
 def run_prune(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_output_folder(out)
-    table = load_table(args.data)
-    table, _ = drop_incomplete_rows(table, text_columns(args.text_column, args.text_pair_column))
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # prune() moves it to the device
-    _check_max_length(model, tokenizer, args.max_length)
-    sample = draw_sample(
-        table, tokenizer, args.num_tokens, args.seed, args.text_column, args.text_pair_column, args.max_length
+    task = _task(args, model)
+    max_length = args.max_length or task.default_max_length
+    check_model_for_task(task, model, tokenizer, max_length)
+    seq_len = args.seq_len
+    if args.reference_seq_len:
+        if task.reference_length is None:
+            raise ValueError(f"no reference average length for task {task.name!r}; give --seq-len")
+        seq_len = task.reference_length
+    train, _ = load_task_split(
+        task, task.train_split, args.data, hub_dataset=args.hub_dataset, labelled=False
+    )
+    sample = calibration_sample(
+        task, train, tokenizer, args.num_tokens, args.seed, max_length, args.stride, args.max_question_tokens
     )
     result = prune(
         model,
@@ -401,7 +479,7 @@ def run_prune(args: argparse.Namespace) -> None:
         _budget(args),
         device=args.device,
         progress=not args.quiet,
-        seq_len=args.seq_len,
+        seq_len=seq_len,
         lam_pred=args.lam_pred,
         lam_rep=args.lam_rep,
         mu=args.mu,
@@ -417,23 +495,19 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, args.device)
-    task = task_of(model)
-    if task == QUESTION_ANSWERING:
-        raise UnsupportedModelError("evaluating question-answering models is not supported yet")
-    _check_max_length(model, tokenizer, args.max_length)
-    table = load_table(args.data)
-    columns = text_columns(args.text_column, args.text_pair_column)
-    table, skipped = drop_incomplete_rows(table, columns, [args.label_column])
-    labels = encode_labels(table[args.label_column], model)
-    inputs = tokenize(table, tokenizer, args.text_column, args.text_pair_column, args.max_length)
-    logits = predict(model, inputs, args.batch_size, args.device)
+    task = _task(args, model)
+    max_length = args.max_length or task.default_max_length
+    check_model_for_task(task, model, tokenizer, max_length)
+    split = args.split or task.dev_splits[0]
+    examples, skipped = load_task_split(task, split, args.data, hub_dataset=args.hub_dataset)
+    dev = evaluation_set(task, examples, tokenizer, max_length, args.stride, args.max_question_tokens)
     metrics = {
         "model": str(args.model),
-        "data": str(args.data),
-        "task": task,
-        "num_examples": len(table),
+        "data": str(args.data) if args.data is not None else f"{args.hub_dataset or task.hub_path} {split}",
+        "task": task.name,
+        "kind": task.kind,
         "skipped_rows": skipped,
-        **task_metrics(task, logits, labels),
+        **evaluate_model(model, dev, args.batch_size, args.device, args.no_answer_threshold),
     }
     record = read_meta(args.model)["record"] if is_pruned_folder(args.model) else None
     if record is not None:

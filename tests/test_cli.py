@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from hub import glue_repo, squad_repo, squad_table
 from tiny import sentences, tiny_model, tiny_tokenizer
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
@@ -118,7 +119,7 @@ def test_eval_of_a_regressor(tmp_path, capsys):
     )
 
     metrics = run_json(eval_args(model_dir, data, "--quiet"), capsys)
-    assert metrics["task"] == "regression"
+    assert (metrics["task"], metrics["kind"]) == ("custom", "regression")
     assert metrics["mse"] == pytest.approx(float(((outputs + 1) ** 2).mean()), rel=1e-5)
     assert metrics["pearson"] == pytest.approx(1.0) and metrics["spearman"] == pytest.approx(1.0)
 
@@ -161,7 +162,7 @@ def test_user_mistakes_are_one_clear_error(model_dir, data_csv, tmp_path, capsys
         prune_args(model_dir, tmp_path / "train.xlsx", out, *keep), capsys
     )
     message = user_error(prune_args(model_dir, data_csv, out, *keep, "--max-length", "100"), capsys)
-    assert message.endswith("--max-length 100 is longer than the model's 64 positions")
+    assert message.endswith("max_length 100 is longer than the model's 64 positions")
     assert not out.exists()
     message = user_error(prune_args(model_dir, data_csv, tmp_path, *keep), capsys)  # holds the model
     assert message.endswith("is a non-empty folder not written by kprune; choose another")
@@ -179,8 +180,10 @@ def test_models_without_a_supported_head_are_one_clear_error(data_csv, tmp_path,
     qa = tmp_path / "qa"
     tiny_model("bert", task="qa").save_pretrained(qa)
     tiny_tokenizer(qa).save_pretrained(qa)
-    message = user_error(eval_args(qa, data_csv), capsys)
-    assert message.endswith("evaluating question-answering models is not supported yet")
+    message = user_error(eval_args(qa, data_csv), capsys)  # a QA model reads questions and contexts
+    assert message.endswith(
+        "column 'question', 'context', 'answers' not in the data; available columns: sentence, label"
+    )
 
 
 def test_eval_needs_known_labels(model_dir, tmp_path, capsys):
@@ -201,3 +204,97 @@ def test_help_explains_the_budget(capsys):
     assert "the pruned model KEEPS: --flops-keep 0.4 keeps 40% of the FLOPs" in stdout
     for option in ("--flops-reduction R", "--num-tokens N", "--label-column NAME", "--num-sentences N"):
         assert option in stdout
+    for task in ("glue/cola", "glue/mnli", "squad_v2"):
+        assert task in stdout  # --task lists the known tasks
+    assert "exact match and F1 for SQuAD" in stdout and "--answers-column NAME" in stdout
+
+
+# ---------------------------------------------------------------- tasks: GLUE and SQuAD
+
+
+QA = ["--max-length", "32", "--stride", "8", "--max-question-tokens", "8", "--quiet"]
+
+
+def test_glue_task_from_a_hub_stand_in(model_dir, tmp_path, capsys):
+    """--task fills the columns and labels; --hub-dataset points at a local copy of nyu-mll/glue."""
+    repo = str(glue_repo(tmp_path / "glue"))
+    out = tmp_path / "pruned"
+    task = ["--task", "glue/mrpc", "--hub-dataset", repo]
+    argv = ["prune", "--model", str(model_dir), "--out", str(out), "--flops-keep", "0.5", *task, *SMALL]
+    assert main([*argv, "--reference-seq-len"]) == 0
+    record = read_meta(out)["record"]
+    assert record["seq_len"] == 53.24 and record["num_tokens"] >= 300  # the paper's MRPC length
+    capsys.readouterr()
+
+    # The model names its labels pos/neg, not MRPC's: MRPC's class ids are taken as the model's.
+    metrics = run_json(["eval", "--model", str(out), *task, "--max-length", "32", "--quiet"], capsys)
+    assert (metrics["task"], metrics["num_examples"], metrics["skipped_rows"]) == ("glue/mrpc", 20, 0)
+    assert set(metrics) >= {"accuracy", "f1", "flops_kept"} and metrics["data"] == f"{repo} validation"
+
+    message = user_error(
+        ["eval", "--model", str(out), *task, "--split", "test", "--max-length", "32"], capsys
+    )
+    assert message.endswith("Unknown split \"test\". Should be one of ['train', 'validation'].")
+    message = user_error(["eval", "--model", str(out), "--task", "mnli", "--hub-dataset", repo], capsys)
+    assert message.endswith("glue/mnli has 3 labels ['entailment', 'neutral', 'contradiction'], the model 2")
+    message = user_error(["eval", "--model", str(out), "--task", "glue/wnli"], capsys)
+    assert "unknown task 'glue/wnli'; known tasks: glue/cola" in message
+    message = user_error(["eval", "--model", str(out)], capsys)
+    assert message.endswith("give --data (a local file) or --task (a known task, loaded from the hub)")
+
+
+def save_tiny_qa(folder):
+    tiny_model("bert", task="qa").save_pretrained(folder)
+    tiny_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def test_prune_and_eval_a_qa_model_end_to_end(tmp_path, capsys):
+    model_dir = save_tiny_qa(tmp_path / "qa")
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    squad_table(60, seed=1).rename_column("context", "passage").to_json(str(train))
+    squad_table(16, seed=2).rename_column("context", "passage").to_json(str(dev))
+    out = tmp_path / "pruned"
+    columns = ["--context-column", "passage"]
+    argv = ["prune", "--model", str(model_dir), "--data", str(train), "--out", str(out), *columns]
+    assert main([*argv, "--flops-keep", "0.5", "--num-tokens", "400", *QA]) == 0
+    record = read_meta(out)["record"]
+    assert record["task"] == "question-answering" and record["flops_kept"] <= 0.5
+    assert record["num_tokens"] >= 400 and record["num_sequences"] > 0
+    capsys.readouterr()
+
+    metrics = run_json(["eval", "--model", str(out), "--data", str(dev), *columns, *QA], capsys)
+    assert (metrics["task"], metrics["kind"], metrics["num_examples"]) == ("custom", "question-answering", 16)
+    assert 0.0 <= metrics["exact_match"] <= metrics["f1"] <= 1.0 and "flops_kept" in metrics
+
+    # The same numbers through the library.
+    from kprune.data import load_task_split
+    from kprune.evaluate import evaluate_model, evaluation_set
+    from kprune.tasks import get_task
+
+    task = get_task("squad").with_columns(context_column="passage")
+    examples, _ = load_task_split(task, "validation", dev)
+    expected = evaluate_model(
+        kprune.load_pruned(out),
+        evaluation_set(task, examples, tiny_tokenizer(tmp_path), 32, 8, 8),
+        device="cpu",
+    )
+    assert (metrics["exact_match"], metrics["f1"]) == (expected["exact_match"], expected["f1"])
+
+
+def test_squad_v2_from_a_hub_stand_in(tmp_path, capsys):
+    model_dir = save_tiny_qa(tmp_path / "qa")
+    repo = str(squad_repo(tmp_path / "squad", unanswerable=4))
+    argv = ["eval", "--model", str(model_dir), "--hub-dataset", repo, *QA]
+    metrics = run_json([*argv, "--task", "squad_v2", "--no-answer-threshold", "1e9"], capsys)
+    assert (metrics["task"], metrics["num_examples"], metrics["no_answer_count"]) == ("squad_v2", 16, 4)
+    assert metrics["no_answer_exact_match"] == 0.0  # a huge threshold always answers
+    abstaining = run_json([*argv, "--task", "squad_v2", "--no-answer-threshold=-1e9"], capsys)
+    assert (abstaining["exact_match"], abstaining["no_answer_exact_match"]) == (4 / 16, 1.0)
+
+    message = user_error([*argv, "--task", "squad"], capsys)  # v1.1 rules: every question has an answer
+    assert (
+        "4 questions in " in message and "have no answer, which squad does not allow; use squad_v2" in message
+    )
+    message = user_error([*argv, "--task", "squad_v2", "--max-question-tokens", "30"], capsys)
+    assert "stride 8 must be in [0, -1): a window of max_length 32 holds a question of up to 30" in message
