@@ -254,19 +254,19 @@ def rearrange_mask(keep: Tensor, fisher: Tensor) -> Tensor:
         return keep.clone()
     diagonal = fisher.diagonal()
     in_pruned = ~keep
-    row_sums = fisher[:, in_pruned].sum(1)  # (F 1_P)_i
+    row_sums = fisher[in_pruned].sum(0)  # (F 1_P)_i; F is symmetric, so rows serve as columns
     kept = keep.nonzero().flatten()
     visit = kept[torch.argsort(diagonal[kept], stable=True)]
     for unit in visit.tolist():
         in_pruned[unit] = True
-        row_sums += fisher[:, unit]
+        row_sums += fisher[unit]
         # objective(P \ {i}) = objective(P) - 2 (F 1_P)_i + F_ii
         removal = torch.where(in_pruned, diagonal - 2 * row_sums, math.inf)
         leaving = int(torch.argmin(removal))
         if removal[unit] <= removal[leaving]:
             leaving = unit
         in_pruned[leaving] = False
-        row_sums -= fisher[:, leaving]
+        row_sums -= fisher[leaving]
     return ~in_pruned
 
 
@@ -296,10 +296,12 @@ class ScaleStats:
         self.entries = 0
         self.target_sq = 0.0
         self.rows = 0
+        self._gram: Tensor | None = None
 
     def add(self, features: Tensor, target: Tensor) -> None:
         """One batch of rows: features (n, units, width) and target (n, d)."""
         rows = features.shape[0]
+        self._gram = None
         flat = features.reshape(rows, -1).double()
         target = target.double()
         self.feature_gram += flat.T @ flat
@@ -312,8 +314,10 @@ class ScaleStats:
 
     @property
     def gram(self) -> Tensor:
-        products = (self.weight.T @ self.weight) * self.feature_gram
-        return products.view(self.units, self.width, self.units, self.width).sum((1, 3))
+        if self._gram is None:  # cached until the next add
+            products = (self.weight.T @ self.weight) * self.feature_gram
+            self._gram = products.view(self.units, self.width, self.units, self.width).sum((1, 3))
+        return self._gram
 
     @property
     def offset_gram(self) -> Tensor:
