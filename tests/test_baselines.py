@@ -106,6 +106,17 @@ def test_keeping_all_flops_leaves_the_logits_unchanged(family, task):
         torch.testing.assert_close(model_logits(result.model, sample), expected)
 
 
+def test_keeping_all_flops_keeps_units_of_zero_importance():
+    model, sample, labels = setup("bert")
+    with torch.no_grad():
+        Sublayer(model, 2).output.weight[:, :4] = 0.0  # head 0 of layer 1 no longer affects the loss
+    masks = kwon_masks(model, sample, 1.0, labels=labels, device="cpu")
+    assert float(masks.fisher[2][0]) == 0.0
+    assert all(keep.all() for keep in masks.keep) and all(keep.all() for keep in masks.target_keep)
+    partial = kwon_masks(model, sample, 0.6, labels=labels, device="cpu")
+    assert not partial.keep[2][0]  # under a real budget a useless head goes first
+
+
 def test_teacher_is_not_modified():
     model, sample, labels = setup("roberta")
     before = copy.deepcopy(model.state_dict())

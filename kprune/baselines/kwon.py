@@ -632,6 +632,8 @@ def _kwon_masks(
     flops_original = encoder_flops_of(work, seq_len)
 
     def search(fraction: float) -> list[Tensor]:
+        if fraction >= 1.0:  # nothing to prune (the search could drop units of zero importance on a tie)
+            return [torch.ones(sub.num_units, dtype=torch.bool) for sub in subs]
         heads, neurons = search_heads_and_neurons(
             torch.cat(fisher[0::2]),
             torch.cat(fisher[1::2]),
