@@ -69,11 +69,40 @@ def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     return outputs.logits
 
 
-def _model_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DistilBERT has no segment embeddings and rejects token_type_ids.
+def model_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without inputs the model does not take (DistilBERT has no segment embeddings)."""
     if family_of(model).name == "distilbert":
         return {name: value for name, value in batch.items() if name != "token_type_ids"}
     return batch
+
+
+def build_record(
+    teacher: nn.Module,
+    student: nn.Module,
+    config: KPruneConfig,
+    batches: list[dict[str, torch.Tensor]],
+    seq_len: float,
+    budget: float,
+    steps: list[StepRecord],
+    seconds: float,
+) -> PruneRecord:
+    """The record of a finished run, from its steps (one per sublayer, bottom-up)."""
+    return PruneRecord(
+        source=str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
+        family=family_of(teacher).name,
+        task=task_of(teacher),
+        config=config.to_dict(),
+        seq_len=seq_len,
+        num_sequences=sum(len(batch["input_ids"]) for batch in batches),
+        num_tokens=int(sum(batch["attention_mask"].sum() for batch in batches)),
+        flops_original=encoder_flops_of(teacher, seq_len),
+        flops_budget=budget,
+        flops_final=encoder_flops_of(student, seq_len),
+        heads=[step.kept_units for step in steps[0::2]],
+        neurons=[step.kept_units for step in steps[1::2]],
+        steps=list(steps),
+        seconds=seconds,
+    )
 
 
 def prune(
@@ -101,13 +130,14 @@ def prune(
         config = KPruneConfig(flops_keep=flops_keep, **options)
     elif options:
         raise ValueError(f"options {sorted(options)} go into the config when a config is given")
-    family, task = family_of(model), task_of(model)
+    family_of(model)  # an unsupported family fails here, before any work
+    task = task_of(model)
     device = resolve_device(device)
     started = time.perf_counter()
 
     teacher = model.to(device).eval()
     student = copy.deepcopy(teacher).requires_grad_(False)
-    batches = [_model_batch(model, batch) for batch in make_batches(sample, config.batch_size, device)]
+    batches = [model_batch(model, batch) for batch in make_batches(sample, config.batch_size, device)]
     seq_len = config.seq_len or average_length(sample)
     with torch.no_grad():
         teacher_logits = [model_logits(teacher, batch) for batch in batches]
@@ -121,21 +151,8 @@ def prune(
         targets, teacher_hidden = teacher_step(teacher, state.sublayer, teacher_hidden, batches)
         state = run_step(state, student, batches, teacher_logits, targets, task, seq_len, config)
 
-    record = PruneRecord(
-        source=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        family=family.name,
-        task=task,
-        config=config.to_dict(),
-        seq_len=seq_len,
-        num_sequences=sum(len(batch["input_ids"]) for batch in batches),
-        num_tokens=int(sum(batch["attention_mask"].sum() for batch in batches)),
-        flops_original=flops_original,
-        flops_budget=budget,
-        flops_final=encoder_flops_of(student, seq_len),
-        heads=[step.kept_units for step in state.steps[0::2]],
-        neurons=[step.kept_units for step in state.steps[1::2]],
-        steps=state.steps,
-        seconds=time.perf_counter() - started,
+    record = build_record(
+        model, student, config, batches, seq_len, budget, state.steps, time.perf_counter() - started
     )
     logger.info(
         "K-prune kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",
