@@ -125,7 +125,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     noise.add_argument("--verbose", action="store_true", help="debug logging; tracebacks on errors")
 
 
-def _add_task_data(parser: argparse.ArgumentParser, data_help: str, qa_answers: bool) -> None:
+def _add_task_data(parser: argparse.ArgumentParser, data_help: str, labelled: bool) -> None:
     """--task, --data, --hub-dataset, the column options, --max-length and --stride."""
     parser.add_argument(
         "--task",
@@ -152,7 +152,13 @@ def _add_task_data(parser: argparse.ArgumentParser, data_help: str, qa_answers: 
     )
     columns.add_argument("--question-column", metavar="NAME", help="QA: the question (default question)")
     columns.add_argument("--context-column", metavar="NAME", help="QA: the context (default context)")
-    if qa_answers:
+    if labelled:
+        columns.add_argument(
+            "--label-column",
+            metavar="NAME",
+            help="the labels: class ids or label names (the --task's, else the model's), or numbers "
+            "for a regressor (default label)",
+        )
         columns.add_argument(
             "--answers-column",
             metavar="NAME",
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         prune_parser,
         "the task's training rows: a .csv, .tsv, .json, .jsonl or .parquet file or a datasets "
         "save_to_disk folder; labels are not needed (default with --task: its hub train split)",
-        qa_answers=False,
+        labelled=False,
     )
     prune_parser.add_argument(
         "--num-tokens",
@@ -302,13 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_data(
         eval_parser,
         "labelled rows, in the formats of 'kprune prune' (default with --task: its hub dev split)",
-        qa_answers=True,
-    )
-    eval_parser.add_argument(
-        "--label-column",
-        metavar="NAME",
-        help="column holding the labels: class ids or label names (the --task's, else the model's), "
-        "or numbers for a regressor (default label)",
+        labelled=True,
     )
     eval_parser.add_argument(
         "--split",

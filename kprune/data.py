@@ -55,7 +55,11 @@ _LENGTH_CHUNK = 4096  # rows tokenized at once while measuring lengths
 
 
 def load_table(path: str | Path) -> datasets.Dataset:
-    """One table from a local CSV, TSV, JSON, JSON Lines or Parquet file, or a ``save_to_disk`` folder."""
+    """One table from a local CSV, TSV, JSON, JSON Lines or Parquet file, or a ``save_to_disk`` folder.
+
+    A .json file in the official SQuAD layout (articles > paragraphs > questions) becomes one row per
+    question with the hub's columns: id, title, context, question, answers.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -72,6 +76,8 @@ def load_table(path: str | Path) -> datasets.Dataset:
             f"cannot read {path}: unknown extension {suffix!r}; "
             f"use one of {', '.join(TABLE_FORMATS)} or a datasets save_to_disk folder"
         )
+    if suffix == ".json" and squad.is_official_json(path):
+        return squad.read_official_json(path)
     loader, options = TABLE_FORMATS[suffix]
     return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
 

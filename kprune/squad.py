@@ -21,10 +21,14 @@ predicts "" when null score - best span score exceeds the no-answer threshold.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -35,6 +39,51 @@ STRIDE = 128
 MAX_QUESTION_TOKENS = 64  # BERT's run_squad.py max_query_length
 N_BEST = 20
 MAX_ANSWER_LENGTH = 30
+
+
+_OFFICIAL_START = re.compile(r'\s*\{\s*"(version|data)"')
+
+
+def is_official_json(path: str | Path) -> bool:
+    """Whether a .json file looks like the official SQuAD layout ``{"version": ..., "data": [articles]}``."""
+    with open(path, encoding="utf-8") as file:
+        return bool(_OFFICIAL_START.match(file.read(256)))
+
+
+def read_official_json(path: str | Path) -> datasets.Dataset:
+    """The official SQuAD v1.1 / v2.0 file (articles > paragraphs > questions) as one row per question:
+    id, title, context, question, answers {"text": [...], "answer_start": [...]}, like the hub's."""
+    articles = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    rows = [
+        {
+            "id": qa["id"],
+            "title": article.get("title", ""),
+            "context": paragraph["context"],
+            "question": qa["question"],
+            "answers": {
+                "text": [answer["text"] for answer in qa["answers"]],
+                "answer_start": [answer["answer_start"] for answer in qa["answers"]],
+            },
+        }
+        for article in articles
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
+    if not rows:
+        raise ValueError(f"{path} holds no questions")
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "context": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answers": {
+                "text": datasets.List(datasets.Value("string")),
+                "answer_start": datasets.List(datasets.Value("int32")),
+            },
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 @dataclass

@@ -10,8 +10,10 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 import kprune
 from kprune.api import model_logits
 from kprune.cli import main
-from kprune.data import draw_sample, load_table
+from kprune.data import draw_sample, load_table, load_task_split
+from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import read_meta
+from kprune.tasks import get_task
 
 LABELS = ("pos", "neg")  # not in sorted order
 SMALL = ["--num-tokens", "300", "--max-length", "32", "--quiet"]  # tiny models have 64 positions
@@ -268,10 +270,6 @@ def test_prune_and_eval_a_qa_model_end_to_end(tmp_path, capsys):
     assert 0.0 <= metrics["exact_match"] <= metrics["f1"] <= 1.0 and "flops_kept" in metrics
 
     # The same numbers through the library.
-    from kprune.data import load_task_split
-    from kprune.evaluate import evaluate_model, evaluation_set
-    from kprune.tasks import get_task
-
     task = get_task("squad").with_columns(context_column="passage")
     examples, _ = load_task_split(task, "validation", dev)
     expected = evaluate_model(

@@ -1,3 +1,4 @@
+import json
 import logging
 
 import datasets
@@ -13,8 +14,10 @@ from kprune.data import (
     drop_incomplete_rows,
     encode_labels,
     load_table,
+    load_task_split,
     tokenize,
 )
+from kprune.tasks import get_task
 
 FRAME = pd.DataFrame(
     {"sentence": ["word1 word2", "word3", "word4 word5 word6"], "label": ["pos", "neg", "pos"]}
@@ -155,3 +158,30 @@ def test_string_labels_need_named_labels_and_regression_needs_numbers():
     assert labels.dtype == torch.float32 and labels.tolist() == [0.5, 2.0, 4.0]
     with pytest.raises(ValueError, match="numeric labels"):
         encode_labels(["high"], regressor)
+
+
+def test_official_squad_json_becomes_one_row_per_question(tmp_path):
+    qas = [
+        {"id": "a", "question": "word1", "answers": [{"text": "word2", "answer_start": 6}] * 2},
+        {"id": "b", "question": "word3", "answers": [], "is_impossible": True},
+    ]
+    articles = [
+        {"title": "T", "paragraphs": [{"context": "word1 word2 word3", "qas": qas}]},
+        {
+            "title": "U",
+            "paragraphs": [{"context": "word4", "qas": [{"id": "c", "question": "word4", "answers": []}]}],
+        },
+    ]
+    path = tmp_path / "dev-v2.0.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": articles}))
+    table = load_table(path)
+    assert table.column_names == ["id", "title", "context", "question", "answers"]
+    assert table["id"] == ["a", "b", "c"] and table["context"][:2] == ["word1 word2 word3"] * 2
+    assert table["answers"][0] == {"text": ["word2", "word2"], "answer_start": [6, 6]}
+    assert table["answers"][2] == {"text": [], "answer_start": []}
+    assert len(load_task_split(get_task("squad_v2"), "validation", path)[0]) == 3
+    with pytest.raises(ValueError, match="2 questions in .* have no answer, which squad does not allow"):
+        load_task_split(get_task("squad"), "validation", path)
+    records = tmp_path / "records.json"  # a plain list of records is still read as a table
+    records.write_text(json.dumps([{"text": "word1", "label": 0}]))
+    assert load_table(records)["text"] == ["word1"]
