@@ -26,7 +26,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint run clean distclean
+.PHONY: setup test lint run bench clean distclean
 
 setup: $(STAMP)
 
@@ -52,6 +52,14 @@ lint: setup
 
 run: setup
 	$(RUN_CMD)
+
+# The benchmarks of issue 5 (bench/, results in bench/results): hours on 2 cores. The teacher and its
+# prepared data come from the pipeline (cached by DVC); the venv goes first on PATH for dvc's stages.
+bench: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m dvc repro teacher
+	$(PY) -m bench.accuracy
+	$(PY) -m bench.cost
+	$(PY) -m bench.speed
 
 clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,284 @@
+"""What the three benchmark scripts share: the methods table, data and teacher loading, the machine, output.
+
+Every pruning method is one entry of METHODS: a name and a callable (teacher, sample, labels, flops_keep)
+-> kprune.api.PruneResult. The scripts only call the library; they never reimplement pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kprune
+from kprune.api import PruneResult
+from kprune.baselines import kwon_prune, magnitude_prune
+from kprune.data import seeded_rows
+from kprune.knowledge import BATCH_GRADIENT
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path("bench/results")
+TEACHER = Path("data/teacher")
+PREPARED = Path("data/prepared")
+DEVICE = "cpu"  # the benchmark is about CPU cost ("these 2 cores")
+SAMPLE_TOKENS = 100_000  # the paper's (and the pipeline's) default sample size
+BUDGETS = (0.6, 0.5, 0.4, 0.3, 0.2)  # fractions of the encoder's FLOPs KEPT
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+Prune = Callable[[torch.nn.Module, dict, torch.Tensor, float], PruneResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # the name in tables and plots
+    run: Prune  # (teacher, sample, labels, flops_keep) -> PruneResult; the teacher must stay unchanged
+
+
+def _kprune(**options) -> Prune:
+    return lambda teacher, sample, labels, keep: kprune.prune(
+        teacher, sample, keep, device=DEVICE, progress=False, **options
+    )
+
+
+# One line per method; the key is what --methods takes.
+METHODS: dict[str, Method] = {
+    "kprune": Method("K-prune", _kprune()),
+    "kwon": Method(
+        "Kwon et al. (Mask-Tuning)", lambda t, s, y, k: kwon_prune(t, s, k, labels=y, device=DEVICE)
+    ),
+    "magnitude": Method("magnitude", lambda t, s, y, k: magnitude_prune(t, s, k, device=DEVICE)),
+    "kprune-no-tuning": Method("K-prune w/o weight tuning", _kprune(tune_weights=False)),
+    "kprune-pred-only": Method("K-prune predictive only", _kprune(lam_rep=0.0)),
+    "kprune-rep-only": Method("K-prune representational only", _kprune(lam_pred=0.0)),
+    "kprune-batch-gradient": Method(
+        "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
+    ),
+}
+
+
+def method_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    return names
+
+
+def floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def ints(text: str) -> list[int]:
+    return [int(value) for value in floats(text)]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", type=Path, default=TEACHER, help="fine-tuned model folder (%(default)s)")
+    parser.add_argument(
+        "--prepared", type=Path, default=PREPARED, help="tokenized train/dev/sample (%(default)s)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample's row order (%(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)"
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_teacher(path: str | Path) -> torch.nn.Module:
+    from kprune.cli import load_model  # the same loading rules as `kprune prune --model`
+
+    model, _ = load_model(str(path), torch.device(DEVICE))
+    return model.eval()
+
+
+def read_split(prepared: str | Path, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, labels) of a prepared split (train, dev or sample)."""
+    from pipeline.store import read_table
+
+    table = read_table(Path(prepared) / split)
+    labels = table.pop("label")
+    return table, labels
+
+
+def sample_rows(attention_mask: torch.Tensor, num_tokens: int, seed: int) -> list[int]:
+    """Rows of seeded random order until ``num_tokens`` real tokens: the rule of the pipeline's sample
+    (kprune.data.seeded_rows), so a smaller sample is a prefix of a larger one, and with the pipeline's
+    seed and 100k tokens it is the pipeline's own sample."""
+    lengths = attention_mask.sum(1).tolist()
+    return seeded_rows(len(lengths), lambda index: [lengths[i] for i in index], num_tokens, seed)
+
+
+def draw_sample(
+    prepared: str | Path, num_tokens: int, seed: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(sample, labels): about ``num_tokens`` tokens of seeded random rows of the prepared train split."""
+    inputs, labels = read_split(prepared, "train")
+    rows = torch.tensor(sample_rows(inputs["attention_mask"], num_tokens, seed))
+    sample = {name: value[rows] for name, value in inputs.items()}
+    width = int(sample["attention_mask"].sum(1).max())
+    return {name: value[:, :width].contiguous() for name, value in sample.items()}, labels[rows]
+
+
+def sample_size(sample: dict[str, torch.Tensor]) -> dict[str, float]:
+    lengths = sample["attention_mask"].sum(1).double()
+    return {"rows": len(lengths), "tokens": int(lengths.sum()), "average_length": float(lengths.mean())}
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True).returncode
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> dict:
+    """Where the figures come from: CPU, cores, torch threads, memory, versions, commit, date."""
+    import transformers
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_available": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": _memory_gb(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kprune_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine_line(info: dict) -> str:
+    return (
+        f"{info['cpu']}, {info['cores_available']} of {info['cores']} cores, {info['torch_threads']} torch "
+        f"threads, {info['memory_gb']} GB RAM, torch {info['torch']}, commit {info['kprune_commit']}"
+    )
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far: the larger of VmHWM and ru_maxrss (KiB on Linux;
+    ru_maxrss can trail the current RSS by a little, as the kernel updates it lazily)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(peak, _status_mb("VmHWM") or 0.0, _status_mb("VmRSS") or 0.0)
+
+
+def current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Written to a temporary file and renamed: a partial sweep stays readable after an interrupt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    os.replace(temporary, path)
+
+
+def write_markdown(path: Path, title: str, info: dict, table: str, notes: Sequence[str] = ()) -> str:
+    text = f"### {title}\n\nMachine: {machine_line(info)}.\n\n{table}\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,97 @@
+"""Smoke test of the benchmark scripts (bench/): each main() on a tiny random model and tiny prepared data
+writes its JSON, PNG and markdown with the expected keys. No data/teacher, no real model."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_sample, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+
+from bench import accuracy, cost, speed  # noqa: E402
+from bench.common import METHODS, sample_rows  # noqa: E402
+from pipeline.store import write_table  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    teacher = root / "teacher"
+    tiny_model("bert", num_labels=2).save_pretrained(teacher)
+    tiny_tokenizer(root).save_pretrained(teacher)
+    generator = torch.Generator().manual_seed(0)
+    (root / "prepared").mkdir()
+    for split, rows, seed in (("train", 48, 0), ("dev", 20, 1)):
+        columns = tiny_sample(num=rows, max_len=12, seed=seed)
+        columns["label"] = torch.randint(0, 2, (rows,), generator=generator)
+        write_table(root / "prepared" / split, columns)
+    return root
+
+
+def common_args(root: Path) -> list[str]:
+    folders = {"--teacher": root / "teacher", "--prepared": root / "prepared", "--out": root / "out"}
+    return [part for option, folder in folders.items() for part in (option, str(folder))]
+
+
+def written(root: Path, name: str) -> dict:
+    for suffix in ("png", "md"):
+        assert (root / "out" / f"{name}.{suffix}").stat().st_size > 0
+    return json.loads((root / "out" / f"{name}.json").read_text())
+
+
+def test_sample_rows_grow_by_prefix():
+    mask = tiny_sample(num=40, seed=3)["attention_mask"]
+    small, large = sample_rows(mask, 60, 0), sample_rows(mask, 150, 0)
+    assert set(small) < set(large)
+    assert int(mask[small].sum()) >= 60 and int(mask[large].sum()) >= 150
+
+
+def test_accuracy_speed_cost_write_their_results(workspace):
+    args = common_args(workspace)
+    methods = "kprune,kwon,magnitude"
+    result = accuracy.main(args + ["--budgets", "0.5", "--methods", methods, "--sample-tokens", "150"])
+    saved = written(workspace, "accuracy")
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+    assert {run["method"] for run in saved["runs"]} == set(methods.split(","))
+    for run in saved["runs"]:
+        assert {"accuracy", "drop_points", "flops_kept", "seconds", "heads_per_layer"} <= set(run)
+        assert run["flops_kept"] <= run["flops_keep"] + 1e-6
+    assert {"cpu", "cores", "torch_threads"} <= set(saved["machine"])
+    assert {"kprune_lead_over_kwon_points", "kprune_drop_at_0.5_points"} <= set(saved["targets"])
+
+    # 0.5 comes from the accuracy sweep's shapes, 0.4 is pruned by the script itself.
+    shapes = "--batch-sizes 1,32 --seq-lens 8 --repeats 2 --warmup 1"
+    speed.main(args + f"--budgets 0.5,0.4 {shapes} --sample-tokens 100".split())
+    saved = written(workspace, "speed")
+    sources = [model["source"] for model in saved["models"]]
+    assert sources[1].startswith("structure") and sources[2].startswith("pruned here")
+    assert len(saved["rows"]) == 3 * 2
+    for row in saved["rows"]:
+        assert {"median_seconds", "sequences_per_second", "speedup", "fraction_of_ideal"} <= set(row)
+    assert saved["targets"]["min_fraction_of_ideal_at_batch_32"] is not None
+
+    cost.main(
+        args
+        + "--tokens 60,120 --methods kprune --bert-base-tokens 60 --inline --bert-shape 1,16,4,24".split()
+    )
+    saved = written(workspace, "cost")
+    assert len(saved["runs"]) == 2 + 1
+    for run in saved["runs"]:
+        assert {"seconds", "peak_rss_mb", "rss_loaded_mb", "sample_tokens", "flops_kept"} <= set(run)
+    assert set(saved["scaling"]) == {"kprune"}
+    assert "kprune_bert_base_60_peak_rss_mb" in saved["targets"]
+
+
+def test_cost_child_mode_writes_one_measurement(workspace, tmp_path):
+    result = tmp_path / "one.json"
+    one = ["--one", "--method", "magnitude", "--num-tokens", "50", "--result", str(result)]
+    cost.main(common_args(workspace) + one)
+    measured = json.loads(result.read_text())
+    assert measured["method"] == "magnitude" and measured["peak_rss_mb"] >= measured["rss_loaded_mb"] > 0
+
+
+def test_every_method_has_a_label():
+    assert all(method.label for method in METHODS.values())
