@@ -6,8 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# The main job; becomes `dvc repro` once the pipeline exists.
-RUN_CMD ?= $(VENV)/bin/kprune demo
+# The main job: the DVC pipeline on the embedded default, inside one MLflow run.
+RUN_CMD ?= $(PY) -m pipeline run
 SOURCES := kprune pipeline tests
 # The torch pin, read from its dependency line in pyproject.toml so it is written once.
 TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)

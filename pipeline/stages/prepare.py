@@ -1,0 +1,101 @@
+"""Stage `prepare`: load the task's train and dev splits, tokenize train, draw the calibration sample.
+
+Writes data/prepared: `task.json` (the task's kprune TaskSpec), `train` (tokenized with labels, for
+fine-tuning the teacher; classification and regression only), `sample` (the tokenized calibration
+sample of about `data.sample_tokens` tokens; QA windows for QA), `dev_examples/SPLIT` (the dev rows
+as they are; tokenized by the stages that score them) and `info.json` (sizes, skipped rows, average
+token length per dev split: the FLOPs model's sequence length). params: `data`, and `teacher.model` /
+`teacher.base` for the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import transformers
+
+from kprune.arch import QUESTION_ANSWERING, REGRESSION
+from kprune.data import average_token_length, calibration_sample, tokenize
+from pipeline import store, tracking
+from pipeline.project import PREPARED, load_params, resolve_model_name, start_stage
+from pipeline.task import load_splits, save_dev_examples, save_task, task_from_params
+
+logger = logging.getLogger("pipeline.prepare")
+
+
+def tokenizer_source(teacher: dict) -> str:
+    """The fine-tuned model when one is named, else the model to be fine-tuned: same vocabulary."""
+    return resolve_model_name(teacher["base"] if teacher["model"] == "finetune" else teacher["model"])
+
+
+def train_labels(task, table) -> torch.Tensor:
+    values = np.asarray(table[task.label_column])
+    if values.dtype.kind not in "iuf":
+        raise ValueError(
+            f"fine-tuning the teacher needs numeric labels (class ids or regression targets); column "
+            f"{task.label_column!r} holds {values.dtype} values: give the task's label names or a "
+            "fine-tuned teacher.model"
+        )
+    return torch.as_tensor(values, dtype=torch.float32 if task.kind == REGRESSION else torch.long)
+
+
+def sizes(inputs: dict[str, torch.Tensor]) -> dict:
+    lengths = inputs["attention_mask"].sum(1).double()
+    return {"rows": len(lengths), "tokens": int(lengths.sum()), "average_length": float(lengths.mean())}
+
+
+def prepare(data: dict, teacher: dict) -> dict:
+    task = task_from_params(data)
+    max_length = data.get("max_length") or task.default_max_length
+    source = tokenizer_source(teacher)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    splits = load_splits(task, data)
+    PREPARED.mkdir(parents=True, exist_ok=True)
+    save_task(task)
+    info = {"task": task.name, "kind": task.kind, "tokenizer": source, "max_length": max_length}
+    info["skipped_rows"] = splits.skipped
+
+    sample = calibration_sample(
+        task, splits.train, tokenizer, data["sample_tokens"], data["seed"], max_length
+    )
+    store.write_table(PREPARED / "sample", sample)
+    info["sample"] = sizes(sample)
+    if task.kind != QUESTION_ANSWERING:  # the teacher stage fine-tunes classifiers and regressors only
+        train = tokenize(splits.train, tokenizer, task.text_column, task.text_pair_column, max_length)
+        train["label"] = train_labels(task, splits.train)
+        store.write_table(PREPARED / "train", train)
+        info["train"] = sizes(train)
+    save_dev_examples(splits.dev)
+    info["dev"] = {
+        split: {
+            "rows": len(table),
+            "average_length": average_token_length(task, table, tokenizer, max_length),
+        }
+        for split, table in splits.dev.items()
+    }
+    info["reference_length"] = task.reference_length
+    store.write_json(PREPARED / "info.json", info)
+    for split, figures in [("sample", info["sample"]), ("train", info.get("train"))]:
+        if figures:
+            logger.info("%s: %d rows, %d tokens, %.2f tokens per row", split, figures["rows"],
+                        figures["tokens"], figures["average_length"])  # fmt: skip
+    for split, figures in info["dev"].items():
+        logger.info("dev %s: %d rows, %.2f tokens per row", split, figures["rows"], figures["average_length"])
+    return info
+
+
+def main() -> None:
+    start_stage()
+    params = load_params()
+    with tracking.stage_run("prepare", {"data": params["data"]}) as run:
+        info = prepare(params["data"], params["teacher"])
+        run.log_metrics({f"sample_{name}": value for name, value in info["sample"].items()})
+        run.log_metrics(
+            {f"dev_{split}_average_length": d["average_length"] for split, d in info["dev"].items()}
+        )
+
+
+if __name__ == "__main__":
+    main()

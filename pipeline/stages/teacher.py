@@ -1,0 +1,91 @@
+"""Stage `teacher`: the fine-tuned model K-prune starts from, as a local folder in data/teacher.
+
+With `teacher.model: finetune` (the embedded default) it fine-tunes `teacher.base` on the prepared train
+split (classification and regression); otherwise it resolves the named model (a path or hub id) to a
+local copy, so every later stage and every rerun reads the same weights. params: the `teacher` section.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import transformers
+
+from kprune.api import resolve_device
+from kprune.arch import QUESTION_ANSWERING, REGRESSION
+from kprune.data import check_model_for_task
+from kprune.evaluate import evaluate_model
+from pipeline import store, tracking
+from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, start_stage
+from pipeline.task import dev_sets, load_task
+
+logger = logging.getLogger("pipeline.teacher")
+
+
+def fine_tuned_teacher(teacher: dict, task, device) -> tuple[transformers.PreTrainedModel, dict]:
+    if task.kind == QUESTION_ANSWERING:
+        raise ValueError("the teacher stage fine-tunes classifiers and regressors only; for QA set "
+                         "teacher.model to a fine-tuned *ForQuestionAnswering model")  # fmt: skip
+    train = store.read_table(PREPARED / "train")
+    labels = train.pop("label")
+    if task.kind == REGRESSION:
+        head = {"num_labels": 1, "problem_type": "regression"}
+    else:
+        names = task.label_names or [str(i) for i in range(int(labels.max()) + 1)]
+        head = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {name: index for index, name in enumerate(names)},
+        }
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_name(teacher["base"]), **head
+    )
+    config = FinetuneConfig(
+        epochs=teacher["epochs"],
+        batch_size=teacher["batch_size"],
+        learning_rate=teacher["learning_rate"],
+        freeze_embeddings=teacher["freeze_embeddings"],
+        seed=teacher["seed"],
+    )
+    losses = finetune(model, train, labels, config, device)
+    return model, {"epoch_losses": losses}
+
+
+def resolved_teacher(name: str) -> transformers.PreTrainedModel:
+    from kprune.cli import load_model  # the same loading rules as `kprune prune --model`
+
+    model, _ = load_model(resolve_model_name(name), resolve_device("cpu"))
+    return model
+
+
+def main() -> None:
+    start_stage()
+    teacher = load_params("teacher")
+    info = store.read_json(PREPARED / "info.json")
+    task = load_task()
+    device = resolve_device(teacher["device"])
+    started = time.perf_counter()
+    with tracking.stage_run("teacher", {"teacher": teacher}) as run:
+        if teacher["model"] == "finetune":
+            model, figures = fine_tuned_teacher(teacher, task, device)
+        else:
+            model, figures = resolved_teacher(teacher["model"]), {}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
+        check_model_for_task(task, model, tokenizer, info["max_length"])  # fails here, not 3 stages later
+        split, dev = next(iter(dev_sets(task, tokenizer, info["max_length"]).items()))
+        metrics = evaluate_model(model, dev, device=device)
+        figures.update(seconds=time.perf_counter() - started, dev=metrics)
+        logger.info("teacher on dev %s: %s (%.0f s)", split, metrics, figures["seconds"])
+        model.save_pretrained(TEACHER)
+        tokenizer.save_pretrained(TEACHER)
+        store.write_json(
+            TEACHER / "teacher.json", {"source": teacher["model"], "base": teacher["base"], **figures}
+        )
+        run.log_metrics({f"teacher_dev_{name}": value for name, value in metrics.items()})
+        run.log_metrics({"teacher_seconds": figures["seconds"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""What the stages persist: per-token tensors in Arrow, JSON manifests, fingerprints; all writes atomic.
+
+Per-token tensors (hidden states, residual sums) are stored without padding, one row per real token, in
+the order of the length-sorted sample (``kprune.sample.make_batches``), which does not depend on the batch
+size. They are read back memory-mapped and scattered into padded batches, one batch at a time if asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+
+VALUES = "values"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it only if the block finishes: a crash mid-write
+    (kill -9 included) never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; outputs are ordinary files
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def write_json(path: str | Path, data) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-serialisable parts (params, digests, indices)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def folder_digest(path: str | Path) -> str:
+    """Digest of every file in a folder (names and contents), in name order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return fingerprint([(str(p.relative_to(path)), file_digest(p)) for p in files])
+
+
+# ---------------------------------------------------------------- per-token tensors
+
+
+def write_tokens(
+    path: str | Path,
+    batches: Sequence[torch.Tensor] | Iterator[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write the real tokens of padded (B, S, *shape) batches as one Arrow IPC file; returns the row count.
+
+    Batches may come from a generator, so only one batch is in memory at a time.
+    """
+    rows, writer = 0, None
+    with atomic_path(path) as temporary:
+        try:
+            for values, mask in zip(batches, masks, strict=True):
+                tokens = values.detach()[mask.bool()].to("cpu", torch.float32)
+                width = int(np.prod(tokens.shape[1:]))
+                flat = pa.array(tokens.reshape(-1).numpy(), type=pa.float32())
+                column = pa.FixedSizeListArray.from_arrays(flat, width)
+                if writer is None:
+                    schema = pa.schema([(VALUES, column.type)], metadata=_shape_metadata(tokens, metadata))
+                    writer = pa.ipc.new_file(str(temporary), schema)
+                writer.write_batch(pa.record_batch([column], names=[VALUES]))
+                rows += len(tokens)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"no batches to write to {path}")
+    return rows
+
+
+def _shape_metadata(tokens: torch.Tensor, metadata: dict[str, str] | None) -> dict[str, str]:
+    return {**(metadata or {}), "token_shape": json.dumps(list(tokens.shape[1:]))}
+
+
+def token_metadata(path: str | Path) -> dict[str, str]:
+    with pa.memory_map(str(path)) as source:
+        schema = pa.ipc.open_file(source).schema
+    return {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
+
+
+def read_token_matrix(path: str | Path) -> torch.Tensor:
+    """All tokens as one (tokens, *shape) tensor, memory-mapped (no copy) where Arrow allows it."""
+    source = pa.memory_map(str(path))
+    table = pa.ipc.open_file(source).read_all()
+    shape = json.loads(table.schema.metadata[b"token_shape"])
+    chunks = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in table.column(VALUES).chunks]
+    values = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    with warnings.catch_warnings():  # Arrow's buffers are read-only, and nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(values).view(-1, *shape)
+
+
+def scatter_tokens(tokens: torch.Tensor, masks: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Padded (B, S, *shape) batches from the token rows of ``read_token_matrix``; zeros at padding."""
+    start = 0
+    for mask in masks:
+        valid = mask.bool()
+        count = int(valid.sum())
+        batch = tokens.new_zeros(*valid.shape, *tokens.shape[1:])
+        batch[valid] = tokens[start : start + count]
+        start += count
+        yield batch
+    if start != len(tokens):
+        raise ValueError(f"the file holds {len(tokens)} tokens, the batches {start}")
+
+
+def read_tokens(path: str | Path, masks: Sequence[torch.Tensor], device="cpu") -> list[torch.Tensor]:
+    return [batch.to(device) for batch in scatter_tokens(read_token_matrix(path), [m.cpu() for m in masks])]
+
+
+# ---------------------------------------------------------------- tokenized tables
+
+
+def write_dataset(path: str | Path, table: datasets.Dataset) -> None:
+    """A ``datasets`` table as an Arrow folder (save_to_disk), replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        table.save_to_disk(str(temporary))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+
+
+def write_table(path: str | Path, columns: dict[str, torch.Tensor]) -> None:
+    """Equal-length tensors (rows first), e.g. a tokenizer's padded output, as an Arrow folder."""
+    write_dataset(path, datasets.Dataset.from_dict({name: value.numpy() for name, value in columns.items()}))
+
+
+def read_table(path: str | Path) -> dict[str, torch.Tensor]:
+    return dict(datasets.load_from_disk(str(path)).with_format("torch")[:])

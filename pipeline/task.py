@@ -1,0 +1,82 @@
+"""The task of params.yaml's `data` section: its kprune TaskSpec, its splits, its dev sets.
+
+`data.task` is the embedded default (`rotten_tomatoes`), a registry task (`glue/sst2`, `glue/mnli`,
+`squad`, `squad_v2`, ... loaded from the hub unless `data.train`/`data.dev` name local files), or a
+task kind (`classification`, `regression`, `question-answering`) for local data of your own.
+The prepare stage writes the TaskSpec to data/prepared/task.json, so later stages never re-read params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import datasets
+
+from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING
+from kprune.data import TaskData, clean_split, load_task_data
+from kprune.demo import LABELS, read_rotten_tomatoes, split_by_movie
+from kprune.evaluate import EvalSet, evaluation_set
+from kprune.tasks import DEFAULT_METRICS, KINDS, TaskSpec, custom_task, get_task
+from pipeline import store
+from pipeline.project import PREPARED
+
+EMBEDDED = TaskSpec(
+    "rotten_tomatoes", CLASSIFICATION, DEFAULT_METRICS[CLASSIFICATION], "accuracy", label_names=LABELS
+)
+COLUMN_OPTIONS = (
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "question_column",
+    "context_column",
+    "answers_column",
+)
+TASK_FILE = PREPARED / "task.json"
+DEV = PREPARED / "dev_examples"
+
+
+def task_from_params(data: dict) -> TaskSpec:
+    columns = {name: data.get(name) for name in COLUMN_OPTIONS}
+    name = data["task"]
+    if name == EMBEDDED.name:
+        return EMBEDDED
+    if name in KINDS:
+        given = {key: value for key, value in columns.items() if value is not None}
+        return custom_task(name, allows_no_answer=bool(data.get("allows_no_answer")), **given)
+    return get_task(name).with_columns(**columns)
+
+
+def load_splits(task: TaskSpec, data: dict) -> TaskData:
+    """Train and dev splits, checked and cleaned (skipped rows are logged and counted)."""
+    if task is EMBEDDED:
+        train, dev = split_by_movie(read_rotten_tomatoes(), data["dev_fraction"], data["seed"])
+        dev, skipped = clean_split(task, dev, where="the Rotten Tomatoes dev split")
+        train, skipped_train = clean_split(task, train, where="the Rotten Tomatoes train split")
+        return TaskData(train, {"validation": dev}, {"train": skipped_train, "validation": skipped})
+    if task.kind != QUESTION_ANSWERING and task.hub_path is None and data.get("train") is None:
+        raise ValueError(f"data.task {task.name!r} needs local files: set data.train and data.dev")
+    return load_task_data(task, data.get("train"), data.get("dev"), hub_dataset=data.get("hub_dataset"))
+
+
+def save_task(task: TaskSpec) -> None:
+    store.write_json(TASK_FILE, dataclasses.asdict(task))
+
+
+def load_task() -> TaskSpec:
+    fields = store.read_json(TASK_FILE)
+    return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def save_dev_examples(splits: dict[str, datasets.Dataset]) -> None:
+    for split, table in splits.items():
+        store.write_dataset(DEV / split, table)
+
+
+def dev_sets(task: TaskSpec, tokenizer, max_length: int) -> dict[str, EvalSet]:
+    """Each dev split, tokenized for evaluation (QA: windows with offsets), by split name."""
+    present = {path.name for path in DEV.iterdir() if path.is_dir()}
+    splits = [name for name in task.dev_splits if name in present] + sorted(present - set(task.dev_splits))
+    return {
+        split: evaluation_set(task, datasets.load_from_disk(str(DEV / split)), tokenizer, max_length)
+        for split in splits
+    }

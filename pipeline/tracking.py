@@ -1,0 +1,139 @@
+"""MLflow tracking: one run per pipeline run, one nested run per stage, metrics logged in batches.
+
+The tracking store is ``sqlite:///mlflow.db`` in the project (unless MLFLOW_TRACKING_URI says otherwise);
+browse it with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``. ``python -m pipeline run`` opens
+the pipeline's run and passes its id to the stages in KPRUNE_MLFLOW_PARENT_RUN_ID; a stage started by a
+bare ``dvc repro`` gets a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "kprune"
+PARENT_RUN_ENV = "KPRUNE_MLFLOW_PARENT_RUN_ID"
+_MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch call
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """{"prune": {"mu": 1}} -> {"prune.mu": "1"}: MLflow params are flat strings."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip()
+
+
+class Run:
+    """A handle on one MLflow run: batched metrics, params, tags and artifacts."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: Mapping) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, value[:6000]) for key, value in flatten(params).items()]
+        for start in range(0, len(items), 100):  # MLflow's limit of params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(name, float(value), now, step)
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(items), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + _MAX_BATCH])
+
+    def log_metric_series(self, rows: list[Mapping[str, float]], step_key: str) -> None:
+        """Per-iteration figures: each row's numbers logged at step row[step_key], all in few calls."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(name, float(value), now, int(row[step_key]))
+            for row in rows
+            for name, value in row.items()
+            if name != step_key and isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(items), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + _MAX_BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(mlflow_client) -> str:
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(EXPERIMENT)
+
+
+@contextlib.contextmanager
+def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
+    """A run that ends FINISHED, or FAILED if the block raises."""
+    mlflow_client = client()
+    tags = {"kprune.stage": name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    commit = git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    created = mlflow_client.create_run(experiment_id(mlflow_client), run_name=name, tags=tags)
+    run = Run(mlflow_client, created.info.run_id)
+    if params:
+        run.log_params(params)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        mlflow_client.set_terminated(run.run_id, status)
+
+
+def stage_run(stage: str, params: Mapping | None = None):
+    """The run of one stage, nested in the pipeline's run when there is one."""
+    return open_run(stage, params, parent_run_id=os.environ.get(PARENT_RUN_ENV))

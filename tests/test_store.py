@@ -1,0 +1,80 @@
+"""The pipeline's storage: per-token tensors in Arrow, tokenized tables, atomic writes, fingerprints."""
+
+import pytest
+import torch
+
+from pipeline import store
+
+
+def padded_batches():
+    generator = torch.Generator().manual_seed(0)
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1]])]
+    batches = [torch.randn(*mask.shape, 3, generator=generator) for mask in masks]
+    return batches, masks
+
+
+def test_tokens_round_trip_keeps_real_tokens_and_zeroes_padding(tmp_path):
+    batches, masks = padded_batches()
+    rows = store.write_tokens(tmp_path / "t.arrow", batches, masks, {"fingerprint": "abc"})
+    assert rows == 10
+    assert store.token_metadata(tmp_path / "t.arrow")["fingerprint"] == "abc"
+    assert store.read_token_matrix(tmp_path / "t.arrow").shape == (10, 3)
+    for original, read, mask in zip(
+        batches, store.read_tokens(tmp_path / "t.arrow", masks), masks, strict=True
+    ):
+        valid = mask.bool()
+        assert torch.equal(read[valid], original[valid])  # bit-exact float32
+        assert torch.equal(read[~valid], torch.zeros_like(read[~valid]))
+
+
+def test_tokens_of_row_tensors_and_of_other_shapes(tmp_path):
+    logits = [torch.randn(2, 5), torch.randn(3, 5)]  # per-row tensors: a mask of ones per row
+    masks = [torch.ones(2), torch.ones(3)]
+    store.write_tokens(tmp_path / "rows.arrow", logits, masks)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(logits, store.read_tokens(tmp_path / "rows.arrow", masks), strict=True)
+    )
+
+
+def test_reading_with_other_batches_is_an_error(tmp_path):
+    batches, masks = padded_batches()
+    store.write_tokens(tmp_path / "t.arrow", batches, masks)
+    with pytest.raises(ValueError, match="holds 10 tokens"):
+        store.read_tokens(tmp_path / "t.arrow", masks[:1])
+
+
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    batches, masks = padded_batches()
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        store.write_tokens(tmp_path / "t.arrow", failing(), masks)
+    assert list(tmp_path.iterdir()) == []
+    store.write_json(tmp_path / "a.json", {"x": 1})
+    with pytest.raises(TypeError), store.atomic_path(tmp_path / "a.json") as temporary:
+        temporary.write_text("partial")
+        raise TypeError
+    assert store.read_json(tmp_path / "a.json") == {"x": 1}
+    assert [path.name for path in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_tables_round_trip(tmp_path):
+    columns = {"input_ids": torch.arange(12).view(3, 4), "label": torch.tensor([0, 1, 0])}
+    store.write_table(tmp_path / "split", columns)
+    store.write_table(tmp_path / "split", columns)  # replaces
+    read = store.read_table(tmp_path / "split")
+    assert set(read) == {"input_ids", "label"}
+    assert all(torch.equal(read[name], columns[name]) for name in columns)
+
+
+def test_fingerprints_are_stable_and_tell_inputs_apart(tmp_path):
+    assert store.fingerprint({"b": 1, "a": 2}, 3) == store.fingerprint({"a": 2, "b": 1}, 3)
+    assert store.fingerprint({"a": 2}, 3) != store.fingerprint({"a": 2}, 4)
+    (tmp_path / "f").write_text("one")
+    before = store.folder_digest(tmp_path)
+    (tmp_path / "f").write_text("two")
+    assert store.folder_digest(tmp_path) != before
