@@ -118,12 +118,30 @@ def load_teacher(path: str | Path) -> torch.nn.Module:
 
 
 def read_split(prepared: str | Path, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(model inputs, labels) of a prepared split (train, dev or sample)."""
+    """(model inputs, labels) of a prepared split (train or sample; dev: the first dev split, which the
+    pipeline keeps as rows and tokenizes as its evaluate stage does)."""
     from pipeline.store import read_table
 
-    table = read_table(Path(prepared) / split)
+    prepared = Path(prepared)
+    if split == "dev" and not (prepared / "dev").exists():
+        return _tokenized_dev(prepared)
+    table = read_table(prepared / split)
     labels = table.pop("label")
     return table, labels
+
+
+def _tokenized_dev(prepared: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    import datasets
+    import transformers
+
+    from kprune.data import tokenize
+    from pipeline.store import read_json
+
+    task, info = read_json(prepared / "task.json"), read_json(prepared / "info.json")
+    examples = datasets.load_from_disk(str(prepared / "dev_examples" / next(iter(info["dev"]))))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
+    inputs = tokenize(examples, tokenizer, task["text_column"], task["text_pair_column"], info["max_length"])
+    return inputs, torch.as_tensor(examples[task["label_column"]])
 
 
 def sample_rows(attention_mask: torch.Tensor, num_tokens: int, seed: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -79,19 +79,20 @@ def model_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, t
 def build_record(
     teacher: nn.Module,
     student: nn.Module,
-    config: KPruneConfig,
-    batches: list[dict[str, torch.Tensor]],
+    config: Mapping,
+    batches: Sequence[Mapping[str, torch.Tensor]],
     seq_len: float,
     budget: float,
     steps: list[StepRecord],
     seconds: float,
 ) -> PruneRecord:
-    """The record of a finished run, from its steps (one per sublayer, bottom-up)."""
+    """The record of a finished run, from its steps (one per sublayer, bottom-up); ``config`` holds the
+    hyperparameters (a baseline's names its method)."""
     return PruneRecord(
         source=str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
         family=family_of(teacher).name,
         task=task_of(teacher),
-        config=config.to_dict(),
+        config=dict(config),
         seq_len=seq_len,
         num_sequences=sum(len(batch["input_ids"]) for batch in batches),
         num_tokens=int(sum(batch["attention_mask"].sum() for batch in batches)),
@@ -152,7 +153,7 @@ def prune(
         state = run_step(state, student, batches, teacher_logits, targets, task, seq_len, config)
 
     record = build_record(
-        model, student, config, batches, seq_len, budget, state.steps, time.perf_counter() - started
+        model, student, config.to_dict(), batches, seq_len, budget, state.steps, time.perf_counter() - started
     )
     logger.info(
         "K-prune kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",

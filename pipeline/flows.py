@@ -382,7 +382,7 @@ def prune_flow(config: KPruneConfig, device: str = "auto", on_step=None) -> Prun
         if kill_after is not None and int(kill_after) == t:
             os.kill(os.getpid(), signal.SIGKILL)
     return build_record(
-        teacher, student, config, batches, seq_len, budget, steps, time.perf_counter() - started
+        teacher, student, config.to_dict(), batches, seq_len, budget, steps, time.perf_counter() - started
     )
 
 

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.project import quiet_environment
+
 STARTUP_TIMEOUT_SECONDS = 180
 _PR_SET_PDEATHSIG = 1
 
@@ -47,6 +49,7 @@ def _healthy(url: str) -> bool:
 @contextlib.contextmanager
 def prefect_api(root: Path | None = None) -> Iterator[str]:
     """PREFECT_API_URL for the block: the user's, or a loopback server that dies with this process."""
+    quiet_environment(root)  # the server inherits the settings: no telemetry, state in .prefect/
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return

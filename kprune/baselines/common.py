@@ -8,18 +8,17 @@ unit, any other value scales its output; ``apply_masks`` turns such masks into a
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from kprune.api import PruneRecord
-from kprune.arch import ATTENTION, encoder_input, family_of, head_dim_of, task_logits, task_of
+from kprune.api import model_batch
+from kprune.arch import ATTENTION, encoder_input, head_dim_of, task_logits
 from kprune.flops import head_flops, neuron_flops
 from kprune.iterate import StepRecord
 from kprune.sample import average_length, make_batches
-from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
+from kprune.sublayer import Sublayer, sublayers
 
 Masks = Sequence[torch.Tensor | None]  # one entry per sublayer; None = every unit at 1
 
@@ -88,13 +87,6 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         sub.keep_units(keep, weight[:, columns] * scale.repeat_interleave(sub.width))
 
 
-def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch without inputs the model does not take (DistilBERT has no segment embeddings)."""
-    if family_of(model).name == "distilbert":
-        return {name: value for name, value in batch.items() if name != "token_type_ids"}
-    return batch
-
-
 def select_rows(sample: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(value)[rows] for name, value in sample.items()}
 
@@ -124,7 +116,7 @@ def model_batches(
     ``make_batches`` orders the sequences by a stable sort on their lengths; the labels follow the same
     order, and every batch is checked against the sample rows it claims to hold.
     """
-    batches = [model_inputs(model, batch) for batch in make_batches(sample, batch_size, device)]
+    batches = [model_batch(model, batch) for batch in make_batches(sample, batch_size, device)]
     if labels is None:
         return batches, None
     attention_mask = torch.as_tensor(sample["attention_mask"])
@@ -190,32 +182,3 @@ def step_records(
             )
         )
     return records
-
-
-def prune_record(
-    teacher: nn.Module,
-    pruned: nn.Module,
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    config: dict,
-    seq_len: float,
-    budget: float,
-    steps: list[StepRecord],
-    started: float,
-) -> PruneRecord:
-    """The PruneRecord of a baseline run (``config["method"]`` names the method)."""
-    return PruneRecord(
-        source=str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
-        family=family_of(teacher).name,
-        task=task_of(teacher),
-        config=config,
-        seq_len=seq_len,
-        num_sequences=sum(len(batch["input_ids"]) for batch in batches),
-        num_tokens=int(sum(batch["attention_mask"].sum() for batch in batches)),
-        flops_original=encoder_flops_of(teacher, seq_len),
-        flops_budget=budget,
-        flops_final=encoder_flops_of(pruned, seq_len),
-        heads=[step.kept_units for step in steps[0::2]],
-        neurons=[step.kept_units for step in steps[1::2]],
-        steps=steps,
-        seconds=time.perf_counter() - started,
-    )

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kprune.api import PruneResult, resolve_device
+from kprune.api import PruneResult, build_record, resolve_device
 from kprune.arch import ATTENTION, CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, encoder_input, task_of
 from kprune.baselines.common import (
     apply_masks,
@@ -56,7 +56,6 @@ from kprune.baselines.common import (
     masked_logits,
     masked_sublayer,
     model_batches,
-    prune_record,
     resolve_seq_len,
     step_records,
     subsample,
@@ -603,8 +602,15 @@ def kwon_prune(
         "device": str(next(pruned.parameters()).device),
         "rescale_status": [report.status for report in result.reports],
     }
-    record = prune_record(
-        model, pruned, batches, record_config, result.seq_len, result.budget, steps, started
+    record = build_record(
+        model,
+        pruned,
+        record_config,
+        batches,
+        result.seq_len,
+        result.budget,
+        steps,
+        time.perf_counter() - started,
     )
     logger.info(
         "Kwon et al. kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",

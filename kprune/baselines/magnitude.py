@@ -16,12 +16,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from kprune.api import PruneResult, resolve_device
+from kprune.api import PruneResult, build_record, resolve_device
 from kprune.arch import ATTENTION
 from kprune.baselines.common import (
     check_flops_keep,
     model_batches,
-    prune_record,
     resolve_seq_len,
     step_records,
     sublayer_cost,
@@ -88,6 +87,8 @@ def magnitude_prune(
 
     batches = model_batches(model, sample, 32, torch.device("cpu"))[0] if sample is not None else []
     config = {"method": METHOD, "flops_keep": flops_keep, "seq_len": seq_len, "device": str(device)}
-    record = prune_record(model, pruned, batches, config, seq_len, budget, steps, started)
+    record = build_record(
+        model, pruned, config, batches, seq_len, budget, steps, time.perf_counter() - started
+    )
     logger.info("magnitude kept %.1f%% of FLOPs (budget %.1f%%)", 100 * record.flops_kept, 100 * flops_keep)
     return PruneResult(pruned, record)
