@@ -179,6 +179,41 @@ def advance(student: nn.Module, t: int, student_hidden: Sequence[torch.Tensor], 
     ]
 
 
+def prune_sublayer(
+    student: nn.Module,
+    t: int,
+    keep: torch.Tensor,
+    weight: torch.Tensor | None,
+    knowledge: Sequence[Knowledge],
+    report: TuneReport,
+    budget_left: float,
+    seq_len: float,
+    seconds: float,
+) -> StepRecord:
+    """Physically remove sublayer t's pruned units (setting its tuned output weight); what was decided."""
+    sub = Sublayer(student, t)
+    units_before, cost = sub.num_units, unit_flops(sub, seq_len)
+    sub.keep_units(keep, weight)
+    kept, pruned = int(keep.sum()), ~keep.cpu()
+    return StepRecord(
+        sublayer=t,
+        layer=sub.layer,
+        kind=sub.kind,
+        units_before=units_before,
+        units_kept=kept,
+        kept_units=keep.nonzero().flatten().tolist(),
+        flops_kept=kept * cost,
+        budget_left=budget_left - kept * cost,
+        predictive_lost=float(knowledge[0].predictive[pruned].sum()),
+        representational_lost=float(knowledge[0].representational[pruned].sum()),
+        error_before=report.error_before,
+        error_after=report.error_after,
+        relative_error_before=report.relative_error_before,
+        relative_error_after=report.relative_error_after,
+        seconds=seconds,
+    )
+
+
 def run_step(
     state: PruneState,
     student: nn.Module,
@@ -198,37 +233,17 @@ def run_step(
     knowledge = measure(student, t, state.student_hidden, batches, teacher_logits, task, config)
     keep = search(student, t, knowledge, state.budget_left, seq_len, config)
     weight, report = tune(student, t, keep, state.student_hidden, batches, targets, config)
-    sub = Sublayer(student, t)
-    units_before, cost = sub.num_units, unit_flops(sub, seq_len)
-    sub.keep_units(keep, weight)
-    student_next = advance(student, t, state.student_hidden, batches)
-
-    kept = int(keep.sum())
-    pruned = ~keep.cpu()
-    record = StepRecord(
-        sublayer=t,
-        layer=sub.layer,
-        kind=sub.kind,
-        units_before=units_before,
-        units_kept=kept,
-        kept_units=keep.nonzero().flatten().tolist(),
-        flops_kept=kept * cost,
-        budget_left=state.budget_left - kept * cost,
-        predictive_lost=float(knowledge[0].predictive[pruned].sum()),
-        representational_lost=float(knowledge[0].representational[pruned].sum()),
-        error_before=report.error_before,
-        error_after=report.error_after,
-        relative_error_before=report.relative_error_before,
-        relative_error_after=report.relative_error_after,
-        seconds=time.perf_counter() - start,
+    record = prune_sublayer(
+        student, t, keep, weight, knowledge, report, state.budget_left, seq_len, time.perf_counter() - start
     )
+    student_next = advance(student, t, state.student_hidden, batches)
     logger.info(
         "sublayer %d (layer %d %s): kept %d/%d units, reconstruction error %.4g -> %.4g (relative), %.1fs",
         t,
-        sub.layer,
-        sub.kind,
-        kept,
-        units_before,
+        record.layer,
+        record.kind,
+        record.units_kept,
+        record.units_before,
         record.relative_error_before,
         record.relative_error_after,
         record.seconds,

@@ -15,6 +15,7 @@ resumed run reuses exactly the files of its own run and never a path DVC has del
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -38,10 +39,11 @@ from kprune.api import PruneRecord, build_record, model_batch, model_logits, res
 from kprune.arch import QUESTION_ANSWERING, encoder_input, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.evaluate import EvalSet, evaluate_model
-from kprune.iterate import StepRecord, advance, measure, search, teacher_step, tune, unit_flops
+from kprune.iterate import StepRecord, advance, measure, prune_sublayer, search, teacher_step, tune
 from kprune.knowledge import Knowledge
 from kprune.sample import MODEL_INPUTS, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
+from kprune.tune import TuneReport
 from pipeline import store
 from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, SCRATCH, TEACHER
 from pipeline.task import dev_sets, load_task
@@ -50,6 +52,9 @@ logger = logging.getLogger("pipeline.flows")
 
 # A crash-test hook: the prune stage kills itself (SIGKILL, no cleanup) once this iteration is on disk.
 KILL_AFTER_ITERATION_ENV = "KPRUNE_KILL_AFTER_ITERATION"
+
+# Part of every fingerprint: a new layout of the iteration files makes older ones another run's.
+ITERATION_FORMAT = 2
 
 step = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 Batches = list[dict[str, torch.Tensor]]
@@ -281,46 +286,20 @@ def tune_step(student, t, keep, hidden, batches, config, key):
     if stored_fingerprint(path) == key:
         with safe_open(str(path), "pt") as handle:
             report = handle.metadata()["report"]
-        return load_file(str(path)).get("weight"), json.loads(report)
+        return load_file(str(path)).get("weight"), TuneReport(**json.loads(report))
     targets = store.read_tokens(
         CALIBRATION / f"targets_{t:02d}.arrow", token_masks(batches), batches[0]["input_ids"].device
     )
     weight, report = tune(student, t, keep, hidden, batches, targets, config)
-    report = {
-        "error_before": report.error_before,
-        "error_after": report.error_after,
-        "relative_error_before": report.relative_error_before,
-        "relative_error_after": report.relative_error_after,
-        "solver": report.solver,
-    }
-    _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=json.dumps(report))
+    report_json = json.dumps(dataclasses.asdict(report))
+    _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=report_json)
     return weight, report
 
 
 @step(name="prune sublayer")
 def prune_step(student, t, keep, weight, knowledge, report, budget_left, seq_len, seconds, key) -> StepRecord:
     """Physically remove sublayer t's pruned units and write step.json, the mark of a finished iteration."""
-    sub = Sublayer(student, t)
-    units_before, cost = sub.num_units, unit_flops(sub, seq_len)
-    sub.keep_units(keep, weight)
-    kept, pruned = int(keep.sum()), ~keep
-    record = StepRecord(
-        sublayer=t,
-        layer=sub.layer,
-        kind=sub.kind,
-        units_before=units_before,
-        units_kept=kept,
-        kept_units=keep.nonzero().flatten().tolist(),
-        flops_kept=kept * cost,
-        budget_left=budget_left - kept * cost,
-        predictive_lost=float(knowledge[0].predictive[pruned].sum()),
-        representational_lost=float(knowledge[0].representational[pruned].sum()),
-        error_before=report["error_before"],
-        error_after=report["error_after"],
-        relative_error_before=report["relative_error_before"],
-        relative_error_after=report["relative_error_after"],
-        seconds=seconds,
-    )
+    record = prune_sublayer(student, t, keep, weight, knowledge, report, budget_left, seq_len, seconds)
     store.write_json(iteration_dir(t) / "step.json", {"fingerprint": key, **record.__dict__})
     return record
 
@@ -340,7 +319,7 @@ def prune_flow(config: KPruneConfig, device: str = "auto", on_step=None) -> Prun
     teacher_logits = store.read_tokens(
         CALIBRATION / "teacher_logits.arrow", logit_masks(task_kind, batches), device
     )
-    run_key = store.fingerprint(config.to_dict(), manifest)
+    run_key = store.fingerprint(config.to_dict(), manifest, ITERATION_FORMAT)
     total = len(sublayers(student))
     budget = config.flops_keep * encoder_flops_of(teacher, seq_len)
 
