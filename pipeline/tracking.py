@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -131,7 +133,16 @@ def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None
         yield run
         status = "FINISHED"
     finally:
+        peak = peak_rss_mb()
+        run.log_metrics({"peak_rss_mb": peak})
+        logger.info("%s: peak memory %.0f MB", name, peak)
         mlflow_client.set_terminated(run.run_id, status)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def stage_run(stage: str, params: Mapping | None = None):
