@@ -46,7 +46,7 @@ from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
 from kprune.tune import TuneReport
 from pipeline import store
 from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, SCRATCH, TEACHER
-from pipeline.task import dev_sets, load_task
+from pipeline.task import dev_sets, load_task, window_options
 
 logger = logging.getLogger("pipeline.flows")
 
@@ -425,7 +425,7 @@ def evaluate_flow(params: dict, record: dict, device: str = "auto") -> dict:
     teacher = load_teacher(device)
     info = store.read_json(PREPARED / "info.json")
     tokenizer = AutoTokenizer.from_pretrained(TEACHER)
-    dev_splits = dev_sets(load_task(), tokenizer, info["max_length"])
+    dev_splits = dev_sets(load_task(), tokenizer, window_options(info))
     teacher_task, teacher_figures = evaluate_on_dev(teacher, dev_splits, params, device)
     pruned_task, pruned_figures = evaluate_on_dev(pruned_student(teacher), dev_splits, params, device)
     metrics = {}

@@ -72,11 +72,18 @@ def save_dev_examples(splits: dict[str, datasets.Dataset]) -> None:
         store.write_dataset(DEV / split, table)
 
 
-def dev_sets(task: TaskSpec, tokenizer, max_length: int) -> dict[str, EvalSet]:
-    """Each dev split, tokenized for evaluation (QA: windows with offsets), by split name."""
+def window_options(info: dict) -> dict:
+    """How prepare cut sequences (data/prepared/info.json): max_length, and for QA stride and
+    max_question_tokens; every stage that tokenizes dev rows uses the same."""
+    return {name: info[name] for name in ("max_length", "stride", "max_question_tokens")}
+
+
+def dev_sets(task: TaskSpec, tokenizer, window: dict) -> dict[str, EvalSet]:
+    """Each dev split, tokenized for evaluation (QA: windows with offsets, see window_options), by
+    split name."""
     present = {path.name for path in DEV.iterdir() if path.is_dir()}
     splits = [name for name in task.dev_splits if name in present] + sorted(present - set(task.dev_splits))
     return {
-        split: evaluation_set(task, datasets.load_from_disk(str(DEV / split)), tokenizer, max_length)
+        split: evaluation_set(task, datasets.load_from_disk(str(DEV / split)), tokenizer, **window)
         for split in splits
     }

