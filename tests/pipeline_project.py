@@ -1,5 +1,5 @@
-"""A pipeline project in a temporary folder for the pipeline tests: this checkout's dvc.yaml, params.yaml
-and pipeline/ in a fresh git repository, and helpers to run and inspect it."""
+"""A pipeline project in a temporary folder for the pipeline tests: this checkout's dvc.yaml,
+params.yaml, pipeline/ and kprune/ in a fresh git repository, and helpers to run and inspect it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def make_project(project: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("pipeline", "kprune"):  # the stages' code is among their dvc dependencies
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     run(project, "git", "init", "-q")
     return project
 
