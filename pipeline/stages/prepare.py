@@ -49,11 +49,13 @@ def sizes(inputs: dict[str, torch.Tensor]) -> dict:
 
 def prepare(data: dict, teacher: dict) -> dict:
     task = task_from_params(data)
-    window = {
-        "max_length": data.get("max_length") or task.default_max_length,
-        "stride": data.get("stride", squad.STRIDE),
-        "max_question_tokens": data.get("max_question_tokens", squad.MAX_QUESTION_TOKENS),
+    defaults = {
+        "max_length": task.default_max_length,
+        "stride": squad.STRIDE,
+        "max_question_tokens": squad.MAX_QUESTION_TOKENS,
     }
+    # null in params.yaml (or a missing key) takes the default; stride 0 is a valid choice
+    window = {name: default if data.get(name) is None else data[name] for name, default in defaults.items()}
     max_length = window["max_length"]
     source = tokenizer_source(teacher)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
