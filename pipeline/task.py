@@ -12,6 +12,7 @@ import dataclasses
 
 import datasets
 
+from kprune import squad
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING
 from kprune.data import TaskData, clean_split, load_task_data
 from kprune.demo import LABELS, read_rotten_tomatoes, split_by_movie
@@ -33,6 +34,7 @@ COLUMN_OPTIONS = (
 )
 TASK_FILE = PREPARED / "task.json"
 DEV = PREPARED / "dev_examples"
+WINDOW = ("max_length", "stride", "max_question_tokens")  # how sequences are cut (QA: windows)
 
 
 def task_from_params(data: dict) -> TaskSpec:
@@ -72,10 +74,20 @@ def save_dev_examples(splits: dict[str, datasets.Dataset]) -> None:
         store.write_dataset(DEV / split, table)
 
 
+def window_from_params(task: TaskSpec, data: dict) -> dict:
+    """How sequences are cut: max_length, and for QA stride and max_question_tokens, from params.yaml's
+    data section; null (or a missing key) takes the default, and stride 0 stays 0."""
+    defaults = (task.default_max_length, squad.STRIDE, squad.MAX_QUESTION_TOKENS)
+    return {
+        name: default if data.get(name) is None else data[name]
+        for name, default in zip(WINDOW, defaults, strict=True)
+    }
+
+
 def window_options(info: dict) -> dict:
-    """How prepare cut sequences (data/prepared/info.json): max_length, and for QA stride and
-    max_question_tokens; every stage that tokenizes dev rows uses the same."""
-    return {name: info[name] for name in ("max_length", "stride", "max_question_tokens")}
+    """The window prepare recorded in data/prepared/info.json; every stage that tokenizes dev rows uses
+    the same."""
+    return {name: info[name] for name in WINDOW}
 
 
 def dev_sets(task: TaskSpec, tokenizer, window: dict) -> dict[str, EvalSet]:

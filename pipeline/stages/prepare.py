@@ -16,12 +16,11 @@ import numpy as np
 import torch
 import transformers
 
-from kprune import squad
 from kprune.arch import QUESTION_ANSWERING, REGRESSION
 from kprune.data import average_token_length, calibration_sample, tokenize
 from pipeline import store, tracking
 from pipeline.project import PREPARED, load_params, resolve_model_name, start_stage
-from pipeline.task import load_splits, save_dev_examples, save_task, task_from_params
+from pipeline.task import load_splits, save_dev_examples, save_task, task_from_params, window_from_params
 
 logger = logging.getLogger("pipeline.prepare")
 
@@ -49,13 +48,7 @@ def sizes(inputs: dict[str, torch.Tensor]) -> dict:
 
 def prepare(data: dict, teacher: dict) -> dict:
     task = task_from_params(data)
-    defaults = {
-        "max_length": task.default_max_length,
-        "stride": squad.STRIDE,
-        "max_question_tokens": squad.MAX_QUESTION_TOKENS,
-    }
-    # null in params.yaml (or a missing key) takes the default; stride 0 is a valid choice
-    window = {name: default if data.get(name) is None else data[name] for name, default in defaults.items()}
+    window = window_from_params(task, data)
     max_length = window["max_length"]
     source = tokenizer_source(teacher)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
