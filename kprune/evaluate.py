@@ -34,9 +34,9 @@ from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 from torch import nn
 
-from kprune.api import model_logits, resolve_device
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_of
 from kprune.data import encode_labels, tokenize
+from kprune.models import model_logits, resolve_device
 from kprune.squad import MAX_QUESTION_TOKENS, STRIDE, QAWindows, best_spans, tokenize_windows
 from kprune.tasks import DEFAULT_METRICS, TaskSpec
 

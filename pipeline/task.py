@@ -4,22 +4,30 @@
 `squad`, `squad_v2`, ... loaded from the hub unless `data.train`/`data.dev` name local files), or a
 task kind (`classification`, `regression`, `question-answering`) for local data of your own.
 The prepare stage writes the TaskSpec to data/prepared/task.json, so later stages never re-read params.
+Later stages and bench/ read the prepared data back with `load_task`, `read_train`, `dev_sets` and
+`first_dev_set`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
+import torch
+import transformers
 
 from kprune import squad
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING
 from kprune.data import TaskData, clean_split, load_task_data
-from kprune.demo import LABELS, read_rotten_tomatoes, split_by_movie
-from kprune.evaluate import EvalSet, evaluation_set
+from kprune.rotten_tomatoes import LABELS, read_rotten_tomatoes, split_by_movie
 from kprune.tasks import DEFAULT_METRICS, KINDS, TaskSpec, custom_task, get_task
 from pipeline import store
 from pipeline.project import PREPARED
+
+if TYPE_CHECKING:
+    from kprune.evaluate import EvalSet
 
 EMBEDDED = TaskSpec(
     "rotten_tomatoes", CLASSIFICATION, DEFAULT_METRICS[CLASSIFICATION], "accuracy", label_names=LABELS
@@ -32,8 +40,8 @@ COLUMN_OPTIONS = (
     "context_column",
     "answers_column",
 )
-TASK_FILE = PREPARED / "task.json"
-DEV = PREPARED / "dev_examples"
+TASK_FILE = "task.json"  # in the prepared folder
+DEV_EXAMPLES = "dev_examples"  # in the prepared folder: one datasets folder per dev split
 WINDOW = ("max_length", "stride", "max_question_tokens")  # how sequences are cut (QA: windows)
 
 
@@ -61,17 +69,24 @@ def load_splits(task: TaskSpec, data: dict) -> TaskData:
 
 
 def save_task(task: TaskSpec) -> None:
-    store.write_json(TASK_FILE, dataclasses.asdict(task))
+    store.write_json(PREPARED / TASK_FILE, dataclasses.asdict(task))
 
 
-def load_task() -> TaskSpec:
-    fields = store.read_json(TASK_FILE)
+def load_task(prepared: Path = PREPARED) -> TaskSpec:
+    fields = store.read_json(prepared / TASK_FILE)
     return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def save_dev_examples(splits: dict[str, datasets.Dataset]) -> None:
     for split, table in splits.items():
-        store.write_dataset(DEV / split, table)
+        store.write_dataset(PREPARED / DEV_EXAMPLES / split, table)
+
+
+def read_train(prepared: Path = PREPARED) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, labels) of the tokenized train split (classification and regression only)."""
+    train = store.read_table(prepared / "train")
+    labels = train.pop("label")
+    return train, labels
 
 
 def window_from_params(task: TaskSpec, data: dict) -> dict:
@@ -90,12 +105,23 @@ def window_options(info: dict) -> dict:
     return {name: info[name] for name in WINDOW}
 
 
-def dev_sets(task: TaskSpec, tokenizer, window: dict) -> dict[str, EvalSet]:
+def dev_sets(task: TaskSpec, tokenizer, window: dict, prepared: Path = PREPARED) -> dict[str, EvalSet]:
     """Each dev split, tokenized for evaluation (QA: windows with offsets, see window_options), by
-    split name."""
-    present = {path.name for path in DEV.iterdir() if path.is_dir()}
+    split name: the task's own splits first, in its order."""
+    from kprune.evaluate import evaluation_set  # scipy and sklearn: read_train (bench.cost) stays light
+
+    dev = prepared / DEV_EXAMPLES
+    present = {path.name for path in dev.iterdir() if path.is_dir()}
     splits = [name for name in task.dev_splits if name in present] + sorted(present - set(task.dev_splits))
     return {
-        split: evaluation_set(task, datasets.load_from_disk(str(DEV / split)), tokenizer, **window)
+        split: evaluation_set(task, datasets.load_from_disk(str(dev / split)), tokenizer, **window)
         for split in splits
     }
+
+
+def first_dev_set(prepared: Path = PREPARED) -> EvalSet:
+    """The first of dev_sets (the split the teacher stage reports), tokenized with the tokenizer and
+    window prepare recorded."""
+    info = store.read_json(prepared / "info.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
+    return next(iter(dev_sets(load_task(prepared), tokenizer, window_options(info), prepared).values()))

@@ -8,11 +8,11 @@ from tiny import sentences, tiny_model, tiny_tokenizer
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 import kprune
-from kprune.api import model_logits
 from kprune.cli import main
 from kprune.data import draw_sample, load_table, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import read_meta
+from kprune.models import model_logits
 from kprune.tasks import get_task
 
 LABELS = ("pos", "neg")  # not in sorted order

@@ -5,10 +5,10 @@ import torch
 
 import kprune
 import kprune.demo
-from kprune.api import model_logits
 from kprune.cli import main
 from kprune.data import tokenize
-from kprune.demo import read_rotten_tomatoes, split_by_movie
+from kprune.models import model_logits
+from kprune.rotten_tomatoes import read_rotten_tomatoes, split_by_movie
 from kprune.sublayer import unit_counts
 
 

@@ -7,8 +7,8 @@ import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
-from kprune.api import model_logits
 from kprune.io import META_FILE, read_meta
+from kprune.models import model_logits
 from kprune.sublayer import unit_counts
 
 

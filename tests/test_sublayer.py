@@ -7,8 +7,8 @@ import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 from transformers import BertConfig, BertModel, GPT2Config, GPT2ForSequenceClassification
 
-from kprune.api import model_logits
 from kprune.arch import UnsupportedModelError, encoder_input, family_of, task_logits, task_of
+from kprune.models import model_logits
 from kprune.sublayer import Sublayer, set_unit_counts, sublayers, unit_counts
 
 CASES = [(family, "classification") for family in FAMILIES] + [

@@ -7,7 +7,6 @@ import torch
 from hub import MNLI_LABELS, glue_repo, pair_table, squad_repo, squad_table
 from tiny import sentences, tiny_model, tiny_tokenizer
 
-from kprune.api import model_logits
 from kprune.data import (
     average_token_length,
     calibration_sample,
@@ -17,6 +16,7 @@ from kprune.data import (
     load_task_split,
 )
 from kprune.evaluate import evaluate_model, evaluation_set, predict
+from kprune.models import model_logits
 from kprune.squad import best_spans
 from kprune.tasks import TASKS, TaskSpec, custom_task, get_task
 

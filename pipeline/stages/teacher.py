@@ -12,14 +12,14 @@ import time
 
 import transformers
 
-from kprune.api import resolve_device
 from kprune.arch import QUESTION_ANSWERING, REGRESSION
 from kprune.data import check_model_for_task
 from kprune.evaluate import evaluate_model
+from kprune.models import load_model, resolve_device
 from pipeline import store, tracking
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, start_stage
-from pipeline.task import dev_sets, load_task, window_options
+from pipeline.task import dev_sets, load_task, read_train, window_options
 
 logger = logging.getLogger("pipeline.teacher")
 
@@ -28,8 +28,7 @@ def fine_tuned_teacher(teacher: dict, task, device) -> tuple[transformers.PreTra
     if task.kind == QUESTION_ANSWERING:
         raise ValueError("the teacher stage fine-tunes classifiers and regressors only; for QA set "
                          "teacher.model to a fine-tuned *ForQuestionAnswering model")  # fmt: skip
-    train = store.read_table(PREPARED / "train")
-    labels = train.pop("label")
+    train, labels = read_train()
     if task.kind == REGRESSION:
         head = {"num_labels": 1, "problem_type": "regression"}
     else:
@@ -54,8 +53,6 @@ def fine_tuned_teacher(teacher: dict, task, device) -> tuple[transformers.PreTra
 
 
 def resolved_teacher(name: str) -> transformers.PreTrainedModel:
-    from kprune.cli import load_model  # the same loading rules as `kprune prune --model`
-
     model, _ = load_model(resolve_model_name(name), resolve_device("cpu"))
     return model
 

@@ -1,0 +1,78 @@
+"""Models in and out: loading a fine-tuned model and its tokenizer, the device, the model's own forward.
+
+``load_model`` has the loading rules of ``kprune prune --model``; the pipeline and the benchmarks use it
+too, so a model that one accepts, all accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from kprune.arch import QUESTION_ANSWERING, UnsupportedModelError, family_of, task_of
+from kprune.io import is_pruned_folder, load_pruned
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own forward: (B, C) logits, or (B, S, 2) start/end logits for QA."""
+    outputs = model(**batch)
+    if task_of(model) == QUESTION_ANSWERING:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+    return outputs.logits
+
+
+def model_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without inputs the model does not take (DistilBERT has no segment embeddings)."""
+    if family_of(model).name == "distilbert":
+        return {name: value for name, value in batch.items() if name != "token_type_ids"}
+    return batch
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.
+    path = Path(name).expanduser()
+    return path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or "\\" in name
+
+
+def _task_model_class(name_or_path: str) -> type:
+    architectures = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
+    if any(name.endswith("ForQuestionAnswering") for name in architectures):
+        return transformers.AutoModelForQuestionAnswering
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return transformers.AutoModelForSequenceClassification
+    raise UnsupportedModelError(
+        f"{name_or_path} is not a fine-tuned classifier or QA model (architectures: "
+        f"{architectures or 'none'}); kprune preserves a fine-tuned model's predictions, so "
+        "fine-tune it first ('kprune demo' shows the mechanics on a pretrained MiniLM)"
+    )
+
+
+def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, object]:
+    """A fine-tuned classifier / regressor / QA model and its tokenizer, from a kprune folder, a local
+    folder or a hub id."""
+    if not Path(name_or_path).expanduser().exists() and _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    try:
+        if is_pruned_folder(name_or_path):
+            model = load_pruned(name_or_path, device)
+        else:
+            model = _task_model_class(name_or_path).from_pretrained(name_or_path).to(device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:  # not found, offline, no tokenizer files, ...
+        raise OSError(f"cannot load model {name_or_path!r}: {error}") from error
+    family_of(model)  # unsupported families and heads fail here, before any pruning work
+    task_of(model)
+    if not tokenizer.is_fast:
+        raise UnsupportedModelError(f"{name_or_path}: kprune needs a fast (Rust) tokenizer")
+    return model, tokenizer
