@@ -27,7 +27,7 @@ from bench.common import (
     markdown_table,
     method_names,
     pyplot,
-    read_split,
+    read_dev,
     sample_size,
     set_threads,
     write_json,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     teacher = load_teacher(args.teacher)
     sample, labels = draw_sample(args.prepared, args.sample_tokens, args.seed)
-    dev, dev_labels = read_split(args.prepared, "dev")
+    dev, dev_labels = read_dev(args.prepared)
     if args.dev_rows:
         dev, dev_labels = {k: v[: args.dev_rows] for k, v in dev.items()}, dev_labels[: args.dev_rows]
     teacher_metrics = dev_metrics(teacher, dev, dev_labels, args.eval_batch_size)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 import kprune
-from kprune.api import PruneResult
 from kprune.baselines import kwon_prune, magnitude_prune
 from kprune.data import seeded_rows
 from kprune.knowledge import BATCH_GRADIENT
+from kprune.models import load_model
+from kprune.record import PruneResult
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")
@@ -111,37 +112,16 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_teacher(path: str | Path) -> torch.nn.Module:
-    from kprune.cli import load_model  # the same loading rules as `kprune prune --model`
-
-    model, _ = load_model(str(path), torch.device(DEVICE))
+    model, _ = load_model(str(path), torch.device(DEVICE))  # the loading rules of `kprune prune --model`
     return model.eval()
 
 
-def read_split(prepared: str | Path, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(model inputs, labels) of a prepared split (train or sample; dev: the first dev split, which the
-    pipeline keeps as rows and tokenizes as its evaluate stage does)."""
-    from pipeline.store import read_table
+def read_dev(prepared: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, labels) of the pipeline's first dev split, tokenized as its teacher stage does."""
+    from pipeline.task import first_dev_set
 
-    prepared = Path(prepared)
-    if split == "dev" and not (prepared / "dev").exists():
-        return _tokenized_dev(prepared)
-    table = read_table(prepared / split)
-    labels = table.pop("label")
-    return table, labels
-
-
-def _tokenized_dev(prepared: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    import datasets
-    import transformers
-
-    from kprune.data import tokenize
-    from pipeline.store import read_json
-
-    task, info = read_json(prepared / "task.json"), read_json(prepared / "info.json")
-    examples = datasets.load_from_disk(str(prepared / "dev_examples" / next(iter(info["dev"]))))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
-    inputs = tokenize(examples, tokenizer, task["text_column"], task["text_pair_column"], info["max_length"])
-    return inputs, torch.as_tensor(examples[task["label_column"]])
+    dev = first_dev_set(Path(prepared))
+    return dev.inputs, torch.as_tensor(dev.examples[dev.task.label_column])
 
 
 def sample_rows(attention_mask: torch.Tensor, num_tokens: int, seed: int) -> list[int]:
@@ -156,7 +136,9 @@ def draw_sample(
     prepared: str | Path, num_tokens: int, seed: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(sample, labels): about ``num_tokens`` tokens of seeded random rows of the prepared train split."""
-    inputs, labels = read_split(prepared, "train")
+    from pipeline.task import read_train
+
+    inputs, labels = read_train(Path(prepared))
     rows = torch.tensor(sample_rows(inputs["attention_mask"], num_tokens, seed))
     sample = {name: value[rows] for name, value in inputs.items()}
     width = int(sample["attention_mask"].sum(1).max())

@@ -6,10 +6,11 @@ kprune.save_pruned(result.model, "pruned/", record=result.record, tokenizer=toke
 model = kprune.load_pruned("pruned/")
 """
 
-from kprune.api import PruneRecord, PruneResult, prune
+from kprune.api import prune
 from kprune.arch import UnsupportedModelError
 from kprune.config import KPruneConfig
 from kprune.io import load_pruned, save_pruned
+from kprune.record import PruneRecord, PruneResult
 
 __all__ = [
     "KPruneConfig",

@@ -24,12 +24,15 @@ import transformers
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from kprune.api import PruneRecord, prune, resolve_device
-from kprune.arch import UnsupportedModelError, family_of, task_of
+from kprune.api import prune
+from kprune.arch import task_of
 from kprune.config import KPruneConfig
 from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
-from kprune.io import is_pruned_folder, load_pruned, read_meta, save_pruned
+from kprune.io import is_pruned_folder, read_meta, save_pruned
+from kprune.models import load_model, resolve_device
+from kprune.record import PruneRecord
+from kprune.sample import REFERENCE, resolve_seq_len
 from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
 from kprune.tasks import TASKS, TaskSpec, custom_task, get_task
 
@@ -363,48 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------- models
-
-
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.
-    path = Path(name).expanduser()
-    return path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or "\\" in name
-
-
-def _task_model_class(name_or_path: str) -> type:
-    architectures = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
-    if any(name.endswith("ForQuestionAnswering") for name in architectures):
-        return transformers.AutoModelForQuestionAnswering
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
-        return transformers.AutoModelForSequenceClassification
-    raise UnsupportedModelError(
-        f"{name_or_path} is not a fine-tuned classifier or QA model (architectures: "
-        f"{architectures or 'none'}); kprune preserves a fine-tuned model's predictions, so "
-        "fine-tune it first ('kprune demo' shows the mechanics on a pretrained MiniLM)"
-    )
-
-
-def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, object]:
-    """A fine-tuned classifier / regressor / QA model and its tokenizer, from a kprune folder, a local
-    folder or a hub id."""
-    if not Path(name_or_path).expanduser().exists() and _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
-    try:
-        if is_pruned_folder(name_or_path):
-            model = load_pruned(name_or_path, device)
-        else:
-            model = _task_model_class(name_or_path).from_pretrained(name_or_path).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:  # not found, offline, no tokenizer files, ...
-        raise OSError(f"cannot load model {name_or_path!r}: {error}") from error
-    family_of(model)  # unsupported families and heads fail here, before any pruning work
-    task_of(model)
-    if not tokenizer.is_fast:
-        raise UnsupportedModelError(f"{name_or_path}: kprune needs a fast (Rust) tokenizer")
-    return model, tokenizer
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -442,7 +403,7 @@ def _check_output_folder(path: Path) -> None:
 
 def summary(record: PruneRecord) -> str:
     """A few lines: FLOPs kept against the budget, the sample, and heads/neurons kept per layer."""
-    budget = record.flops_budget / record.flops_original
+    budget = record.budget_flops / record.flops_original
     lines = [
         f"kept {100 * record.flops_kept:.1f}% of the encoder FLOPs (budget {100 * budget:.1f}%, "
         f"{record.seq_len:.1f} tokens per sequence) in {record.seconds:.1f} s",
@@ -464,9 +425,7 @@ def run_prune(args: argparse.Namespace) -> None:
     check_model_for_task(task, model, tokenizer, max_length)
     seq_len = args.seq_len
     if args.reference_seq_len:
-        if task.reference_length is None:
-            raise ValueError(f"no reference average length for task {task.name!r}; give --seq-len")
-        seq_len = task.reference_length
+        seq_len = resolve_seq_len(REFERENCE, reference_length=task.reference_length)
     train, _ = load_task_split(
         task, task.train_split, args.data, hub_dataset=args.hub_dataset, labelled=False
     )

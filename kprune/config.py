@@ -13,7 +13,8 @@ class KPruneConfig:
 
     flops_keep: fraction of the encoder's FLOPs the pruned model may keep, in (0, 1]
         (0.4 keeps 40%, i.e. removes 60%). FLOPs count attention heads and FFN neurons only.
-    seq_len: average tokens per sequence used by the FLOPs model; None measures it on the sample.
+    seq_len: average tokens per sequence used by the FLOPs model; None: the mean real length of the
+        calibration sample, the default of every entry point (see kprune.sample.resolve_seq_len).
     lam_pred, lam_rep: weights of predictive and representational knowledge (reference: 1, 2.5e-4).
     mu: extra weight of head scores. The reference code averages a head's knowledge over its d_h
         dimensions and multiplies by mu=64, which is the *sum* for BERT-base's d_h=64. kprune measures a
@@ -28,6 +29,8 @@ class KPruneConfig:
     predictive_knowledge: "fisher" (per-example Fisher, non-zero at iteration 0) or "batch-gradient"
         (the reference code's squared batch-mean gradients; for ablations).
     batch_size: sequences per forward pass; seed: seeds the random projections.
+    micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
+        its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
     """
 
     flops_keep: float
@@ -42,6 +45,7 @@ class KPruneConfig:
     predictive_knowledge: str = FISHER
     batch_size: int = 32
     seed: int = 0
+    micro_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if not 0.0 < self.flops_keep <= 1.0:
@@ -59,8 +63,8 @@ class KPruneConfig:
             raise ValueError(
                 f"predictive_knowledge must be one of {PREDICTIVE_MODES}, got {self.predictive_knowledge!r}"
             )
-        if self.batch_size < 1 or self.projections < 1:
-            raise ValueError("batch_size and projections must be >= 1")
+        if self.batch_size < 1 or self.projections < 1 or self.micro_batch_tokens < 1:
+            raise ValueError("batch_size, projections and micro_batch_tokens must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

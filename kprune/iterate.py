@@ -1,4 +1,4 @@
-"""The K-prune iteration (Algorithm 1 of the paper) as explicit steps over explicit tensors.
+"""The K-prune iteration (Algorithm 1 of the paper): the one loop that ``kprune.prune`` and the pipeline run.
 
 For sublayer t = 0 .. 2L-1, bottom-up:
 
@@ -6,29 +6,43 @@ For sublayer t = 0 .. 2L-1, bottom-up:
     keep      = search(t, knowledge)  global ranking under the FLOPs left; applied to sublayer t only
     weight    = tune(t, keep)         least-squares output projection against the teacher's residual sum
     prune(t, keep, weight)            physical removal; the FLOPs kept leave the budget
-    advance(t)                        the student's (and teacher's) hidden states move to sublayer t+1
+    advance(t)                        the student's hidden states move on to sublayer t+1, in place
 
-The student's input to sublayer t is carried from step to step, so nothing is recomputed from the
-embeddings. Each step takes and returns tensors, so a pipeline can persist and resume between them.
+Two objects plug into the loop. A ``TeacherSide`` gives the teacher's soft labels, the encoder input and,
+sublayer by sublayer, the tuning targets one batch at a time: ``TeacherStream`` computes them as the loop
+goes (the teacher's hidden states advance in place), the pipeline reads them memory-mapped from its
+calibration files. A ``StepStore`` holds each iteration's results: the default keeps nothing; the
+pipeline's persists every step so an interrupted run resumes after its last finished iteration.
+
+Memory: the student's and the teacher's hidden states are each one whole-sample copy, advanced in place;
+targets, features and float64 statistics exist one batch at a time. The student shares the teacher's
+parameters until a sublayer is pruned (pruning builds new, smaller weights), so the teacher is never
+copied whole.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from kprune.arch import ATTENTION
+from kprune.arch import ATTENTION, encoder_input, task_of
 from kprune.config import KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, measure_knowledge, unit_scores
+from kprune.models import model_logits
+from kprune.record import PruneResult, StepRecord, build_record
+from kprune.sample import resolve_seq_len
 from kprune.search import search_mask
-from kprune.sublayer import Sublayer, sublayers
+from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
 from kprune.tune import LeastSquaresStats, TuneReport, solve_output_projection
 
 logger = logging.getLogger(__name__)
@@ -36,35 +50,84 @@ logger = logging.getLogger(__name__)
 Batches = Sequence[dict[str, torch.Tensor]]
 
 
-@dataclass
-class StepRecord:
-    """What one iteration decided and how well the tuning reconstructed the teacher."""
-
-    sublayer: int
-    layer: int
-    kind: str
-    units_before: int
-    units_kept: int
-    kept_units: list[int]
-    flops_kept: float
-    budget_left: float  # FLOPs the sublayers above may still use
-    predictive_lost: float  # knowledge of the pruned units
-    representational_lost: float
-    error_before: float  # ||F W^T - R||^2 without tuning
-    error_after: float
-    relative_error_before: float
-    relative_error_after: float
-    seconds: float
+# ---------------------------------------------------------------- the teacher's side
 
 
-@dataclass
-class PruneState:
-    """What the iteration carries from sublayer t to t+1."""
+class TeacherSide(Protocol):
+    """What the loop needs of the teacher: its soft labels (per batch), the hidden states entering layer 0
+    (per batch) and, at sublayer t, its pre-LayerNorm residual sums (the tuning targets) batch by batch."""
 
-    sublayer: int
-    student_hidden: list[torch.Tensor]  # the student's input to `sublayer`, per batch
-    budget_left: float  # FLOPs the sublayers >= `sublayer` may use
-    steps: list[StepRecord] = field(default_factory=list)
+    logits: Sequence[torch.Tensor]
+
+    def encoder_input(self) -> list[torch.Tensor]: ...
+
+    def targets(self, t: int) -> Iterable[torch.Tensor]: ...
+
+
+class TeacherStream:
+    """The teacher's side computed as the loop goes: one whole-sample copy of its hidden states, advanced
+    in place while sublayer t's targets are read, so no sublayer's targets are ever all in memory."""
+
+    def __init__(self, teacher: nn.Module, batches: Batches):
+        self.teacher, self.batches, self.sublayer = teacher, batches, 0
+        with torch.no_grad():
+            self.logits = [model_logits(teacher, batch) for batch in batches]
+            self.hidden = [encoder_input(teacher, batch) for batch in batches]
+        self._encoder_input = [state.clone() for state in self.hidden]
+
+    def encoder_input(self) -> list[torch.Tensor]:
+        """The student's input to sublayer 0 (handed over once: the loop advances it in place)."""
+        hidden, self._encoder_input = self._encoder_input, None
+        if hidden is None:
+            raise RuntimeError("the encoder input of a TeacherStream is handed out once")
+        return hidden
+
+    @torch.no_grad()
+    def targets(self, t: int) -> Iterator[torch.Tensor]:
+        """Sublayer t's targets, batch by batch; the teacher's hidden states move to t+1 as they are read.
+
+        Sublayers a resumed run skipped are passed through first."""
+        if t < self.sublayer:
+            raise RuntimeError(f"the teacher stream is at sublayer {self.sublayer}, cannot go back to {t}")
+        while self.sublayer <= t:
+            sub = Sublayer(self.teacher, self.sublayer)
+            for index, batch in enumerate(self.batches):
+                hidden = self.hidden[index]
+                target = sub.residual_sum(hidden, sub.features(hidden, batch["attention_mask"]))
+                self.hidden[index] = sub.layer_norm(target)
+                if self.sublayer == t:
+                    yield target
+            self.sublayer += 1
+
+
+# ---------------------------------------------------------------- where the steps' results live
+
+
+class StepStore:
+    """Where the loop keeps each iteration's results. This one keeps nothing: every step is computed
+    (``kprune.prune``). A persisted store overrides the methods to return what an earlier run of the
+    same inputs already computed and to write what is new, so an interrupted run resumes."""
+
+    def finished(self) -> list[tuple[StepRecord, torch.Tensor, torch.Tensor | None]]:
+        """(record, keep-mask, tuned weight) of the leading iterations already finished."""
+        return []
+
+    def knowledge(self, t: int, measure: Callable[[], list[Knowledge]]) -> list[Knowledge]:
+        return measure()
+
+    def mask(self, t: int, search: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return search()
+
+    def tuned(
+        self, t: int, tune: Callable[[], tuple[torch.Tensor | None, TuneReport]]
+    ) -> tuple[torch.Tensor | None, TuneReport]:
+        return tune()
+
+    def finish(self, t: int, record: StepRecord, keep: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Sublayer t is pruned: the mark of a finished iteration."""
+
+
+# ---------------------------------------------------------------- the steps
 
 
 def unit_flops(sub: Sublayer, seq_len: float) -> float:
@@ -85,7 +148,6 @@ def measure(
     student_hidden: Sequence[torch.Tensor],
     batches: Batches,
     teacher_logits: Sequence[torch.Tensor],
-    task: str,
     config: KPruneConfig,
 ) -> list[Knowledge]:
     """Knowledge of every unit of sublayers t, t+1, ..., 2L-1.
@@ -99,11 +161,12 @@ def measure(
         student_hidden,
         [batch["attention_mask"] for batch in batches],
         teacher_logits,
-        task,
+        task_of(student),
         temperature=config.temperature,
         projections=config.projections,
         generator=step_generator(config.seed, t),
         predictive=config.predictive_knowledge,
+        max_tokens=config.micro_batch_tokens,
     )
 
 
@@ -111,7 +174,7 @@ def search(
     student: nn.Module,
     t: int,
     knowledge: Sequence[Knowledge],
-    budget_left: float,
+    flops_left: float,
     seq_len: float,
     config: KPruneConfig,
 ) -> torch.Tensor:
@@ -124,22 +187,8 @@ def search(
             unit_scores(known, cost, sub.kind == ATTENTION, config.lam_pred, config.lam_rep, config.mu)
         )
         costs.append(torch.full((sub.num_units,), cost, dtype=torch.float64))
-    keep = search_mask(torch.cat(scores), torch.cat(costs), max(budget_left, 0.0))
+    keep = search_mask(torch.cat(scores), torch.cat(costs), max(flops_left, 0.0))
     return keep[: subs[0].num_units]
-
-
-@torch.no_grad()
-def teacher_step(
-    teacher: nn.Module, t: int, teacher_hidden: Sequence[torch.Tensor], batches: Batches
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The teacher's pre-LayerNorm residual sums at sublayer t (tuning targets) and its input to t+1."""
-    sub = Sublayer(teacher, t)
-    targets, next_hidden = [], []
-    for hidden, batch in zip(teacher_hidden, batches, strict=True):
-        target = sub.residual_sum(hidden, sub.features(hidden, batch["attention_mask"]))
-        targets.append(target)
-        next_hidden.append(sub.layer_norm(target))
-    return targets, next_hidden
 
 
 @torch.no_grad()
@@ -149,10 +198,12 @@ def tune(
     keep: torch.Tensor,
     student_hidden: Sequence[torch.Tensor],
     batches: Batches,
-    targets: Sequence[torch.Tensor],
+    targets: Iterable[torch.Tensor],
     config: KPruneConfig,
 ) -> tuple[torch.Tensor | None, TuneReport]:
-    """Least-squares output projection of sublayer t's kept units (None when tuning is off)."""
+    """Least-squares output projection of sublayer t's kept units (None when tuning is off).
+
+    Only the kept units' features are computed: the input maps are sliced to them first."""
     sub = Sublayer(student, t)
     keep = keep.to(sub.output.weight.device)
     columns = keep.repeat_interleave(sub.width)
@@ -160,7 +211,7 @@ def tune(
     stats = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=sub.output.weight.device)
     for hidden, batch, target in zip(student_hidden, batches, targets, strict=True):
         valid = batch["attention_mask"].bool()
-        features = sub.features(hidden, batch["attention_mask"])[:, :, keep].flatten(2)
+        features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
         stats.add(features[valid], (target - hidden - bias)[valid])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
@@ -170,13 +221,11 @@ def tune(
 
 
 @torch.no_grad()
-def advance(student: nn.Module, t: int, student_hidden: Sequence[torch.Tensor], batches: Batches):
-    """The (pruned) student's output of sublayer t, i.e. its input to sublayer t+1."""
+def advance(student: nn.Module, t: int, student_hidden: list[torch.Tensor], batches: Batches) -> None:
+    """Replace each batch of the student's input to sublayer t by its output, the input to t+1."""
     sub = Sublayer(student, t)
-    return [
-        sub.forward(hidden, batch["attention_mask"])
-        for hidden, batch in zip(student_hidden, batches, strict=True)
-    ]
+    for index, batch in enumerate(batches):
+        student_hidden[index] = sub.forward(student_hidden[index], batch["attention_mask"])
 
 
 def prune_sublayer(
@@ -186,7 +235,7 @@ def prune_sublayer(
     weight: torch.Tensor | None,
     knowledge: Sequence[Knowledge],
     report: TuneReport,
-    budget_left: float,
+    flops_left: float,
     seq_len: float,
     seconds: float,
 ) -> StepRecord:
@@ -202,8 +251,8 @@ def prune_sublayer(
         units_before=units_before,
         units_kept=kept,
         kept_units=keep.nonzero().flatten().tolist(),
-        flops_kept=kept * cost,
-        budget_left=budget_left - kept * cost,
+        sublayer_flops=kept * cost,
+        flops_left=flops_left - kept * cost,
         predictive_lost=float(knowledge[0].predictive[pruned].sum()),
         representational_lost=float(knowledge[0].representational[pruned].sum()),
         error_before=report.error_before,
@@ -214,38 +263,115 @@ def prune_sublayer(
     )
 
 
-def run_step(
-    state: PruneState,
-    student: nn.Module,
-    batches: Batches,
-    teacher_logits: Sequence[torch.Tensor],
-    targets: Sequence[torch.Tensor],
-    task: str,
-    seq_len: float,
-    config: KPruneConfig,
-) -> PruneState:
-    """One full iteration on sublayer ``state.sublayer``; returns the state for the next sublayer.
+# ---------------------------------------------------------------- the loop
 
-    ``targets`` are the teacher's pre-LayerNorm residual sums at this sublayer (see ``teacher_step``).
+
+def student_of(teacher: nn.Module) -> nn.Module:
+    """A copy of the teacher whose parameters share the teacher's memory: pruning a sublayer gives it new,
+    smaller weights and leaves the teacher's as they are, so the teacher is never copied whole."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in teacher.parameters()}
+    memo.update({id(buffer): buffer for buffer in teacher.buffers()})
+    return copy.deepcopy(teacher, memo)
+
+
+def own_parameters(student: nn.Module, teacher: nn.Module) -> None:
+    """Give the student its own copy of every parameter and buffer whose memory is still the teacher's."""
+    shared = {t.untyped_storage().data_ptr() for t in [*teacher.parameters(), *teacher.buffers()]}
+    for module in student.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None and parameter.untyped_storage().data_ptr() in shared:
+                module._parameters[name] = nn.Parameter(parameter.detach().clone(), requires_grad=False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.untyped_storage().data_ptr() in shared:
+                module._buffers[name] = buffer.clone()
+
+
+def iterate(
+    teacher: nn.Module,
+    batches: Batches,
+    config: KPruneConfig,
+    *,
+    teacher_side: TeacherSide | None = None,
+    store: StepStore | None = None,
+    progress: bool = True,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> PruneResult:
+    """Run K-prune on ``teacher`` (not modified) over the sample ``batches``, one iteration per sublayer.
+
+    teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed).
+    store: where each iteration's results live (default: nowhere; a persisted store resumes).
+    on_step: called with each new iteration's record.
     """
-    start = time.perf_counter()
-    t = state.sublayer
-    knowledge = measure(student, t, state.student_hidden, batches, teacher_logits, task, config)
-    keep = search(student, t, knowledge, state.budget_left, seq_len, config)
-    weight, report = tune(student, t, keep, state.student_hidden, batches, targets, config)
-    record = prune_sublayer(
-        student, t, keep, weight, knowledge, report, state.budget_left, seq_len, time.perf_counter() - start
+    started = time.perf_counter()
+    teacher.eval()
+    student = student_of(teacher)
+    seq_len = resolve_seq_len(config.seq_len, [batch["attention_mask"] for batch in batches])
+    teacher_side = teacher_side if teacher_side is not None else TeacherStream(teacher, batches)
+    store = store if store is not None else StepStore()
+    total = len(sublayers(student))
+    budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)
+    hidden = teacher_side.encoder_input()
+
+    steps = []
+    for record, keep, weight in store.finished():
+        Sublayer(student, record.sublayer).keep_units(keep, weight)
+        advance(student, record.sublayer, hidden, batches)
+        steps.append(record)
+    if steps:
+        logger.info(
+            "resuming at iteration %d of %d (iterations 0-%d are done)", len(steps), total, len(steps) - 1
+        )
+    flops_left = steps[-1].flops_left if steps else budget_flops
+
+    bar = tqdm(desc="K-prune sublayers", total=total, initial=len(steps), disable=not progress)
+    for t in range(len(steps), total):
+        step_started = time.perf_counter()
+        knowledge = store.knowledge(
+            t, functools.partial(measure, student, t, hidden, batches, teacher_side.logits, config)
+        )
+        keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
+        targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
+        weight, report = store.tuned(
+            t, functools.partial(tune, student, t, keep, hidden, batches, targets, config)
+        )
+        seconds = time.perf_counter() - step_started
+        record = prune_sublayer(student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds)
+        store.finish(t, record, keep, weight)
+        advance(student, t, hidden, batches)
+        steps.append(record)
+        flops_left = record.flops_left
+        logger.info(
+            "iteration %d (layer %d %s): kept %d/%d units, %.3g of the budget left, relative reconstruction "
+            "error %.4g -> %.4g, %.1fs",
+            t,
+            record.layer,
+            record.kind,
+            record.units_kept,
+            record.units_before,
+            flops_left / budget_flops if budget_flops else 0.0,
+            record.relative_error_before,
+            record.relative_error_after,
+            record.seconds,
+        )
+        bar.update()
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+    own_parameters(student, teacher)
+    record = build_record(
+        teacher,
+        student,
+        config.to_dict(),
+        batches,
+        seq_len,
+        budget_flops,
+        steps,
+        time.perf_counter() - started,
     )
-    student_next = advance(student, t, state.student_hidden, batches)
     logger.info(
-        "sublayer %d (layer %d %s): kept %d/%d units, reconstruction error %.4g -> %.4g (relative), %.1fs",
-        t,
-        record.layer,
-        record.kind,
-        record.units_kept,
-        record.units_before,
-        record.relative_error_before,
-        record.relative_error_after,
+        "K-prune kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",
+        100 * record.flops_kept,
+        100 * config.flops_keep,
         record.seconds,
     )
-    return PruneState(t + 1, student_next, record.budget_left, [*state.steps, record])
+    return PruneResult(student, record)

@@ -111,6 +111,13 @@ def _projected_softmax_factor(probs: torch.Tensor, projections: int, generator) 
     return rows / projections**0.5
 
 
+def micro_batches(rows: int, length: int, max_tokens: int) -> list[slice]:
+    """Consecutive row slices of a (rows, length) batch with at most max_tokens padded tokens each
+    (at least one row): they bound the autograd graph of one measurement."""
+    step = max(1, max_tokens // max(length, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def measure_knowledge(
     model: torch.nn.Module,
     subs: Sequence[Sublayer],
@@ -122,13 +129,16 @@ def measure_knowledge(
     projections: int = 8,
     generator: torch.Generator | None = None,
     predictive: str = FISHER,
+    max_tokens: int = 1024,
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
 
     ``hidden_batches[b]`` is the student's input to ``subs[0]`` for batch b; the forward runs from
     there to the logits with one mask variable per (example, unit), so one backward pass per Hessian
-    row yields per-example gradients. ``predictive="batch-gradient"`` reproduces the reference code
-    (squared gradients of the batch-mean loss, zero while the student equals the teacher), for ablations.
+    row yields per-example gradients. Each batch goes through in micro-batches of at most ``max_tokens``
+    padded tokens, which bounds the autograd graph; per-example gradients do not depend on the split.
+    ``predictive="batch-gradient"`` reproduces the reference code (squared gradients of the batch-mean
+    loss, zero while the student equals the teacher), for ablations.
     """
     if predictive not in PREDICTIVE_MODES:
         raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
@@ -137,39 +147,81 @@ def measure_knowledge(
     output_scale = [sub.output_column_norms().double().cpu() / sub.output.out_features for sub in subs]
     examples, tokens = 0, 0
     for hidden, attention_mask, logits_t in zip(hidden_batches, attention_masks, teacher_logits, strict=True):
-        valid = attention_mask.bool()
-        masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
-        for position, (sub, mask) in enumerate(zip(subs, masks, strict=True)):
-            features = sub.features(hidden, attention_mask)
-            squared = features.detach()[valid].double().pow(2).sum(0).cpu()  # (units, width)
-            representational[position] += (squared * output_scale[position]).sum(-1)
-            hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
-        logits = task_logits(model, hidden)
-        if logits.requires_grad:  # False only when no unit is left above: nothing to measure
-            if predictive == FISHER:
-                factor = loss_hessian_factor(
-                    task, logits_t, attention_mask, temperature, projections, generator
-                )
-                outputs = [(row * logits).sum() for row in factor.to(logits.dtype).unbind(1)]
-                per_example = True
-            else:
-                outputs = [distillation_loss(task, logits, logits_t, attention_mask, temperature).mean()]
-                per_example = False
-            for number, output in enumerate(outputs):
-                # allow_unused: a sublayer with no units left has a mask no output depends on
-                grads = torch.autograd.grad(
-                    output, masks, retain_graph=number < len(outputs) - 1, allow_unused=True
-                )
-                for position, grad in enumerate(grads):
-                    if grad is not None:
-                        squared = grad.double().pow(2).sum(0) if per_example else grad.double().sum(0).pow(2)
-                        predictive_sums[position] += squared.cpu()
+        # The reference's gradient is of the mean loss of the whole batch: summed over micro-batches first.
+        batch_gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+        for rows in micro_batches(*attention_mask.shape, max_tokens):
+            squared_features, squared_gradients = _measure_micro_batch(
+                model,
+                subs,
+                hidden[rows],
+                attention_mask[rows],
+                logits_t[rows],
+                task,
+                temperature,
+                projections,
+                generator,
+                predictive,
+                len(attention_mask),
+            )
+            for position in range(len(subs)):
+                representational[position] += (squared_features[position] * output_scale[position]).sum(-1)
+                if predictive == FISHER:
+                    predictive_sums[position] += squared_gradients[position]
+                else:
+                    batch_gradients[position] += squared_gradients[position]
+        if predictive == BATCH_GRADIENT:
+            for position, gradient in enumerate(batch_gradients):
+                predictive_sums[position] += gradient.pow(2)
         examples += hidden.shape[0]
-        tokens += int(valid.sum())
+        tokens += int(attention_mask.sum())
     return [
         Knowledge(predictive=0.5 * pred / examples, representational=rep / tokens)
         for pred, rep in zip(predictive_sums, representational, strict=True)
     ]
+
+
+def _measure_micro_batch(
+    model,
+    subs,
+    hidden,
+    attention_mask,
+    logits_t,
+    task,
+    temperature,
+    projections,
+    generator,
+    predictive,
+    batch_rows,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per sublayer: the squared features summed over valid tokens (units, width), and the gradients of
+    the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
+    (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
+    valid = attention_mask.bool()
+    masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
+    squared_features = []
+    for sub, mask in zip(subs, masks, strict=True):
+        features = sub.features(hidden, attention_mask)
+        # float32 within a micro-batch, float64 across them: no float64 copy of the features
+        squared_features.append(features.detach()[valid].pow(2).sum(0).double().cpu())
+        hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
+    gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+    logits = task_logits(model, hidden)
+    if not logits.requires_grad:  # no unit is left above: nothing to measure
+        return squared_features, gradients
+    if predictive == FISHER:
+        factor = loss_hessian_factor(task, logits_t, attention_mask, temperature, projections, generator)
+        outputs = [(row * logits).sum() for row in factor.to(logits.dtype).unbind(1)]
+    else:
+        loss = distillation_loss(task, logits, logits_t, attention_mask, temperature)
+        outputs = [loss.sum() / batch_rows]
+    for number, output in enumerate(outputs):
+        # allow_unused: a sublayer with no units left has a mask no output depends on
+        grads = torch.autograd.grad(output, masks, retain_graph=number < len(outputs) - 1, allow_unused=True)
+        for position, grad in enumerate(grads):
+            if grad is not None:
+                grad = grad.double()
+                gradients[position] += (grad.pow(2) if predictive == FISHER else grad).sum(0).cpu()
+    return squared_features, gradients
 
 
 def unit_scores(

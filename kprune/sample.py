@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -46,3 +47,34 @@ def make_batches(
 def average_length(sample: Mapping[str, torch.Tensor]) -> float:
     """Mean number of real (non-padding) tokens per sequence."""
     return float(torch.as_tensor(sample["attention_mask"]).sum(1).double().mean())
+
+
+REFERENCE = "reference"
+
+
+def resolve_seq_len(
+    seq_len: float | str | None,
+    attention_masks: Sequence[torch.Tensor] = (),
+    reference_length: float | None = None,
+) -> float:
+    """Tokens per sequence of the FLOPs model, resolved the same way by every entry point.
+
+    None (the default everywhere): the mean real length of the calibration sample, whose attention masks
+    (one (N, S) tensor, or one per batch) are given; "reference": the paper's value for the task
+    (``reference_length``, from ``TaskSpec.reference_length``); a number: itself.
+    """
+    if seq_len is None:
+        if not len(attention_masks):
+            raise ValueError("seq_len=None measures the sample, but no sample was given")
+        masks = [attention_masks] if isinstance(attention_masks, torch.Tensor) else attention_masks
+        lengths = torch.cat([torch.as_tensor(mask).sum(1).cpu() for mask in masks]).double()
+        value = float(lengths.mean())
+    elif seq_len == REFERENCE:
+        if reference_length is None:
+            raise ValueError("this task has no reference sequence length (the paper's); give a number")
+        value = float(reference_length)
+    else:
+        value = float(seq_len)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"seq_len must be a finite number > 0, got {seq_len!r}")
+    return value

@@ -62,20 +62,33 @@ class Sublayer:
     def num_units(self) -> int:
         return self.output.in_features // self.width
 
-    def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit features (B, S, units, width): the input of the output projection, split by unit."""
+    def features(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unit features (B, S, units, width): the input of the output projection, split by unit.
+
+        keep (bool, units): compute only the kept units' features, from slices of the input maps."""
         batch, length, _ = hidden.shape
+        units = self.num_units if keep is None else int(keep.sum())
+
+        def project(attribute: str) -> torch.Tensor:
+            linear = self.part(attribute)
+            if keep is None:
+                return linear(hidden)
+            rows = keep.to(linear.weight.device).repeat_interleave(self.width)
+            bias = linear.bias[rows] if linear.bias is not None else None
+            return F.linear(hidden, linear.weight[rows], bias)
+
         if self.kind == FFN:
             activation = functools.reduce(getattr, self.family.ffn_activation.split("."), self.module)
-            return activation(self.part("ffn_up")(hidden)).unsqueeze(-1)
-        heads, d_h = self.num_units, self.width
-        if heads == 0:
+            return activation(project("ffn_up")).unsqueeze(-1)
+        d_h = self.width
+        if units == 0:
             return hidden.new_zeros(batch, length, 0, d_h)
-
-        def split_heads(linear: nn.Linear) -> torch.Tensor:
-            return linear(hidden).view(batch, length, heads, d_h).transpose(1, 2)
-
-        query, key, value = (split_heads(self.part(name)) for name in ("query", "key", "value"))
+        query, key, value = (
+            project(name).view(batch, length, units, d_h).transpose(1, 2)
+            for name in ("query", "key", "value")
+        )
         keys_visible = attention_mask[:, None, None, :].bool()
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=keys_visible)
         return context.transpose(1, 2)

@@ -1,15 +1,16 @@
 """Prefect flows of the K-prune stages: calibrate the teacher, prune sublayer by sublayer, evaluate.
 
-Each flow is a thin layer over ``kprune``: the math lives there, the flows decide what is read from and
-written to disk. Prefect's result cache is off on purpose: DVC decides which stages run, and inside the
-prune stage every file an iteration writes carries the fingerprint of the run that wrote it, so a
-resumed run reuses exactly the files of its own run and never a path DVC has deleted.
+Each flow is a thin layer over ``kprune``: the math and the loop live there (``kprune.iterate``), the flows
+decide what is read from and written to disk. The prune flow runs the library's loop with two plug-ins:
+``CalibrationFiles`` (the teacher's side, read memory-mapped) and ``IterationFiles`` (a step store whose
+steps are Prefect tasks writing the iteration files). Prefect's result cache is off on purpose: DVC
+decides which stages run, and inside the prune stage every file an iteration writes carries the
+fingerprint of the run that wrote it, so a resumed run reuses exactly the files of its own run.
 
     data/calibration/   hidden_in.arrow     the student's input to sublayer 0 (the teacher's embeddings)
                         teacher_logits.arrow
                         targets_TT.arrow    the teacher's pre-LayerNorm residual sum at sublayer TT
     data/prune/iterations/TT/  knowledge.safetensors, mask.json, weight.safetensors, step.json (done)
-    data/prune/scratch/input_TT.arrow       the student's input to sublayer TT (latest only)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,17 +36,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from kprune.api import PruneRecord, build_record, model_batch, model_logits, resolve_device
-from kprune.arch import QUESTION_ANSWERING, encoder_input, family_of, task_of
+from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.evaluate import EvalSet, evaluate_model
-from kprune.iterate import StepRecord, advance, measure, prune_sublayer, search, teacher_step, tune
+from kprune.iterate import StepStore, TeacherStream, iterate
 from kprune.knowledge import Knowledge
+from kprune.models import load_model, model_batch, resolve_device
+from kprune.record import PruneRecord, StepRecord
 from kprune.sample import MODEL_INPUTS, make_batches
-from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
+from kprune.sublayer import Sublayer, sublayers
 from kprune.tune import TuneReport
 from pipeline import store
-from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, SCRATCH, TEACHER
+from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, TEACHER
 from pipeline.task import dev_sets, load_task, window_options
 
 logger = logging.getLogger("pipeline.flows")
@@ -54,7 +56,7 @@ logger = logging.getLogger("pipeline.flows")
 KILL_AFTER_ITERATION_ENV = "KPRUNE_KILL_AFTER_ITERATION"
 
 # Part of every fingerprint: a new layout of the iteration files makes older ones another run's.
-ITERATION_FORMAT = 2
+ITERATION_FORMAT = 3
 
 step = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 Batches = list[dict[str, torch.Tensor]]
@@ -64,8 +66,6 @@ Batches = list[dict[str, torch.Tensor]]
 
 
 def load_teacher(device: torch.device) -> nn.Module:
-    from kprune.cli import load_model
-
     model, _ = load_model(str(TEACHER), device)
     return model.requires_grad_(False)
 
@@ -87,49 +87,23 @@ def logit_masks(task_kind: str, batches: Batches) -> list[torch.Tensor]:
     return [batch["attention_mask"].new_ones(len(batch["attention_mask"])) for batch in batches]
 
 
-def without_padding(hidden: Sequence[torch.Tensor], batches: Batches) -> list[torch.Tensor]:
-    """Zeros at padding positions, exactly as a round trip through the token store leaves them, so a
-    resumed run and a straight one feed identical tensors to the next sublayer."""
-    return [
-        state.masked_fill(~batch["attention_mask"].bool()[..., None], 0.0)
-        for state, batch in zip(hidden, batches, strict=True)
-    ]
-
-
 # ---------------------------------------------------------------- calibrate
-
-
-@step(name="teacher outputs")
-def teacher_outputs(teacher: nn.Module, batches: Batches) -> list[torch.Tensor]:
-    """Writes the teacher's logits and its encoder input; returns the latter."""
-    with torch.no_grad():
-        logits = [model_logits(teacher, batch) for batch in batches]
-        hidden = [encoder_input(teacher, batch) for batch in batches]
-    store.write_tokens(CALIBRATION / "teacher_logits.arrow", logits, logit_masks(task_of(teacher), batches))
-    store.write_tokens(CALIBRATION / "hidden_in.arrow", hidden, token_masks(batches))
-    return hidden
-
-
-@step(name="teacher targets")
-def teacher_targets(teacher: nn.Module, t: int, hidden: list[torch.Tensor], batches: Batches):
-    """Writes the teacher's pre-LayerNorm residual sums at sublayer t; returns its input to t+1."""
-    targets, next_hidden = teacher_step(teacher, t, hidden, batches)
-    store.write_tokens(CALIBRATION / f"targets_{t:02d}.arrow", targets, token_masks(batches))
-    return next_hidden
 
 
 @flow(name="calibrate")
 def calibrate_flow(batch_size: int, device: str = "auto") -> dict:
-    """Run the teacher once over the sample; persist its soft labels and per-sublayer targets."""
+    """Run the teacher once over the sample; persist its soft labels and per-sublayer targets, each
+    written batch by batch as the teacher streams them."""
     device = resolve_device(device)
     teacher = load_teacher(device)
     batches = sample_batches(teacher, batch_size, device)
     CALIBRATION.mkdir(parents=True, exist_ok=True)
-    hidden = teacher_outputs(teacher, batches)
+    stream = TeacherStream(teacher, batches)
+    write_teacher_outputs(stream, batches, task_of(teacher))
     total = len(sublayers(teacher))
     for t in tqdm(range(total), desc="calibrate sublayers"):
         started = time.perf_counter()
-        hidden = teacher_targets(teacher, t, hidden, batches)
+        write_targets(stream, t, batches)
         logger.info(
             "calibrate sublayer %d/%d: targets written in %.1fs", t, total, time.perf_counter() - started
         )
@@ -145,6 +119,36 @@ def calibrate_flow(batch_size: int, device: str = "auto") -> dict:
     }
     store.write_json(CALIBRATION / "manifest.json", manifest)
     return manifest
+
+
+@step(name="teacher outputs")
+def write_teacher_outputs(stream: TeacherStream, batches: Batches, task_kind: str) -> None:
+    store.write_tokens(CALIBRATION / "teacher_logits.arrow", stream.logits, logit_masks(task_kind, batches))
+    store.write_tokens(CALIBRATION / "hidden_in.arrow", stream.encoder_input(), token_masks(batches))
+
+
+@step(name="teacher targets")
+def write_targets(stream: TeacherStream, t: int, batches: Batches) -> None:
+    """The teacher's pre-LayerNorm residual sums at sublayer t, one batch in memory at a time."""
+    store.write_tokens(CALIBRATION / f"targets_{t:02d}.arrow", stream.targets(t), token_masks(batches))
+
+
+class CalibrationFiles:
+    """The teacher's side of the K-prune loop read back from the calibrate stage, memory-mapped: only
+    the batch at hand is ever copied out of the files."""
+
+    def __init__(self, batches: Batches, task_kind: str, device: torch.device):
+        self.masks, self.device = [mask.cpu() for mask in token_masks(batches)], device
+        self.logits = store.read_tokens(
+            CALIBRATION / "teacher_logits.arrow", logit_masks(task_kind, batches), device
+        )
+
+    def encoder_input(self) -> list[torch.Tensor]:
+        return store.read_tokens(CALIBRATION / "hidden_in.arrow", self.masks, self.device)
+
+    def targets(self, t: int) -> Iterator[torch.Tensor]:
+        tokens = store.read_token_matrix(CALIBRATION / f"targets_{t:02d}.arrow")
+        return (batch.to(self.device) for batch in store.scatter_tokens(tokens, self.masks))
 
 
 # ---------------------------------------------------------------- prune: persisted iteration files
@@ -166,27 +170,9 @@ def stored_fingerprint(path: Path) -> str | None:
             return store.read_json(path).get("fingerprint")
         if path.suffix == ".safetensors":
             return _safetensors_key(path)
-        if path.suffix == ".arrow":
-            return store.token_metadata(path).get("fingerprint")
     except (OSError, ValueError, KeyError):
         return None
     return None
-
-
-def discard_other_runs(run_key: str, total: int) -> int:
-    """Delete persisted files of other runs; return how many leading iterations are finished."""
-    keys = {t: store.fingerprint(run_key, t) for t in range(total)}
-    for folder in (ITERATIONS, SCRATCH):
-        for path in sorted(folder.glob("**/*")) if folder.exists() else []:
-            if path.is_file() and stored_fingerprint(path) not in keys.values():
-                path.unlink()
-        for path in sorted(folder.glob("*/"), reverse=True) if folder.exists() else []:
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-    finished = 0
-    while finished < total and stored_fingerprint(iteration_dir(finished) / "step.json") == keys[finished]:
-        finished += 1
-    return finished
 
 
 def load_step(t: int) -> StepRecord:
@@ -219,47 +205,57 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta
         )
 
 
-# ---------------------------------------------------------------- prune: the steps of one iteration
+class IterationFiles(StepStore):
+    """The K-prune loop's step store on disk: data/prune/iterations/TT/, each file stamped with the
+    fingerprint of its run and iteration; step.json is written last and marks a finished iteration.
+    Each step is a Prefect task."""
 
+    def __init__(self, run_key: str, total: int):
+        self.run_key, self.total = run_key, total
 
-def student_input(
-    student: nn.Module, t: int, previous: list[torch.Tensor] | None, batches: Batches, run_key: str
-) -> list[torch.Tensor]:
-    """The student's input to sublayer t: this run's scratch file if there is one, else the pruned
-    sublayer t-1 applied to its own input (``previous``, or found the same way)."""
-    path = SCRATCH / f"input_{t:02d}.arrow"
-    device = batches[0]["input_ids"].device
-    if t == 0:
-        return store.read_tokens(CALIBRATION / "hidden_in.arrow", token_masks(batches), device)
-    key = store.fingerprint(run_key, t)
-    if stored_fingerprint(path) == key:
-        return store.read_tokens(path, token_masks(batches), device)
-    if previous is None:
-        previous = student_input(student, t - 1, None, batches, run_key)
-    hidden = without_padding(advance(student, t - 1, previous, batches), batches)
-    store.write_tokens(path, hidden, token_masks(batches), {"fingerprint": key})
-    for stale in SCRATCH.glob("input_*.arrow"):  # only the latest input is needed to resume
-        if stale != path:
-            stale.unlink()
-    return hidden
+    def key(self, t: int) -> str:
+        return store.fingerprint(self.run_key, t)
 
+    def finished(self) -> list[tuple[StepRecord, torch.Tensor, torch.Tensor | None]]:
+        """Deletes the files of other runs; the leading finished iterations of this one."""
+        keys = {self.key(t) for t in range(self.total)}
+        for path in sorted(ITERATIONS.glob("**/*")) if ITERATIONS.exists() else []:
+            if path.is_file() and stored_fingerprint(path) not in keys:
+                path.unlink()
+        for path in sorted(ITERATIONS.glob("*/"), reverse=True) if ITERATIONS.exists() else []:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        count = 0
+        while count < self.total and stored_fingerprint(iteration_dir(count) / "step.json") == self.key(
+            count
+        ):
+            count += 1
+        return [(load_step(t), *load_decision(t)) for t in range(count)]
 
-@step(name="collect student inputs")
-def collect_student_inputs(student, t, previous, batches, run_key) -> list[torch.Tensor]:
-    """Persisted, so an interrupted run resumes without recomputing the sublayers below t."""
-    return student_input(student, t, previous, batches, run_key)
+    def knowledge(self, t, measure):
+        return knowledge_task(t, self.key(t), measure)
+
+    def mask(self, t, search):
+        return mask_task(t, self.key(t), search)
+
+    def tuned(self, t, tune):
+        return tune_task(t, self.key(t), tune)
+
+    def finish(self, t, record, keep, weight) -> None:
+        finish_task(t, self.key(t), record)
 
 
 @step(name="measure knowledge")
-def measure_step(student, t, hidden, batches, teacher_logits, task_kind, config, key) -> list[Knowledge]:
+def knowledge_task(t: int, key: str, measure) -> list[Knowledge]:
     path = iteration_dir(t) / "knowledge.safetensors"
     if stored_fingerprint(path) == key:
         tensors = load_file(str(path))
+        count = len({name.split("_")[1] for name in tensors})
         return [
             Knowledge(tensors[f"predictive_{s}"], tensors[f"representational_{s}"])
-            for s in range(t, len(sublayers(student)))
+            for s in range(t, t + count)
         ]
-    knowledge = measure(student, t, hidden, batches, teacher_logits, task_kind, config)
+    knowledge = measure()
     tensors = {}
     for s, known in enumerate(knowledge, start=t):
         tensors[f"predictive_{s}"], tensors[f"representational_{s}"] = (
@@ -271,98 +267,56 @@ def measure_step(student, t, hidden, batches, teacher_logits, task_kind, config,
 
 
 @step(name="search mask")
-def search_step(student, t, knowledge, budget_left, seq_len, config, key) -> torch.Tensor:
+def mask_task(t: int, key: str, search) -> torch.Tensor:
     path = iteration_dir(t) / "mask.json"
     if stored_fingerprint(path) == key:
         return torch.tensor(store.read_json(path)["keep"], dtype=torch.bool)
-    keep = search(student, t, knowledge, budget_left, seq_len, config)
-    store.write_json(path, {"fingerprint": key, "keep": keep.tolist(), "budget_left": budget_left})
+    keep = search()
+    store.write_json(path, {"fingerprint": key, "keep": keep.tolist()})
     return keep
 
 
 @step(name="tune weights")
-def tune_step(student, t, keep, hidden, batches, config, key):
+def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
     path = iteration_dir(t) / "weight.safetensors"
     if stored_fingerprint(path) == key:
         with safe_open(str(path), "pt") as handle:
             report = handle.metadata()["report"]
         return load_file(str(path)).get("weight"), TuneReport(**json.loads(report))
-    targets = store.read_tokens(
-        CALIBRATION / f"targets_{t:02d}.arrow", token_masks(batches), batches[0]["input_ids"].device
-    )
-    weight, report = tune(student, t, keep, hidden, batches, targets, config)
+    weight, report = tune()
     report_json = json.dumps(dataclasses.asdict(report))
     _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=report_json)
     return weight, report
 
 
 @step(name="prune sublayer")
-def prune_step(student, t, keep, weight, knowledge, report, budget_left, seq_len, seconds, key) -> StepRecord:
-    """Physically remove sublayer t's pruned units and write step.json, the mark of a finished iteration."""
-    record = prune_sublayer(student, t, keep, weight, knowledge, report, budget_left, seq_len, seconds)
-    store.write_json(iteration_dir(t) / "step.json", {"fingerprint": key, **record.__dict__})
-    return record
+def finish_task(t: int, key: str, record: StepRecord) -> None:
+    """Writes step.json, the mark of a finished iteration (the loop has pruned the sublayer)."""
+    store.write_json(iteration_dir(t) / "step.json", {"fingerprint": key, **dataclasses.asdict(record)})
+    kill_after = os.environ.get(KILL_AFTER_ITERATION_ENV)
+    if kill_after is not None and int(kill_after) == t:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @flow(name="prune")
 def prune_flow(config: KPruneConfig, device: str = "auto", on_step=None) -> PruneRecord:
-    """K-prune over the calibrated sample, one iteration per sublayer, resuming after the last
-    finished iteration of the same run (same params, teacher and sample)."""
-    started = time.perf_counter()
+    """K-prune over the calibrated sample: the library's loop (kprune.iterate) with the teacher's side
+    read from the calibration files and every step persisted, resuming after the last finished
+    iteration of the same run (same params, teacher and sample)."""
     device = resolve_device(device)
     teacher = load_teacher(device)
-    student = copy.deepcopy(teacher)
-    task_kind = task_of(teacher)
     batches = sample_batches(teacher, config.batch_size, device)
     manifest = store.read_json(CALIBRATION / "manifest.json")
-    seq_len = config.seq_len or manifest["seq_len"]
-    teacher_logits = store.read_tokens(
-        CALIBRATION / "teacher_logits.arrow", logit_masks(task_kind, batches), device
-    )
     run_key = store.fingerprint(config.to_dict(), manifest, ITERATION_FORMAT)
-    total = len(sublayers(student))
-    budget = config.flops_keep * encoder_flops_of(teacher, seq_len)
-
-    finished = discard_other_runs(run_key, total)
-    steps = [load_step(t) for t in range(finished)]
-    apply_iterations(student, finished)
-    if finished:
-        logger.info(
-            "resuming at iteration %d of %d (iterations 0-%d are on disk)", finished, total, finished - 1
-        )
-    kill_after = os.environ.get(KILL_AFTER_ITERATION_ENV)
-    hidden = None
-    for t in tqdm(range(finished, total), desc="K-prune sublayers", initial=finished, total=total):
-        step_started = time.perf_counter()
-        key = store.fingerprint(run_key, t)
-        budget_left = budget - sum(record.flops_kept for record in steps)
-        hidden = collect_student_inputs(student, t, hidden, batches, run_key)
-        knowledge = measure_step(student, t, hidden, batches, teacher_logits, task_kind, config, key)
-        keep = search_step(student, t, knowledge, budget_left, seq_len, config, key)
-        weight, report = tune_step(student, t, keep, hidden, batches, config, key)
-        seconds = time.perf_counter() - step_started
-        record = prune_step(student, t, keep, weight, knowledge, report, budget_left, seq_len, seconds, key)
-        steps.append(record)
-        logger.info(
-            "iteration %d (layer %d %s): kept %d/%d units, %.3g of FLOPs left, relative reconstruction "
-            "error %.4g -> %.4g, %.1fs",
-            t,
-            record.layer,
-            record.kind,
-            record.units_kept,
-            record.units_before,
-            record.budget_left / budget if budget else 0.0,
-            record.relative_error_before,
-            record.relative_error_after,
-            record.seconds,
-        )
-        if on_step is not None:
-            on_step(record)
-        if kill_after is not None and int(kill_after) == t:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return build_record(
-        teacher, student, config.to_dict(), batches, seq_len, budget, steps, time.perf_counter() - started
+    result = iterate(
+        teacher,
+        batches,
+        config,
+        teacher_side=CalibrationFiles(batches, task_of(teacher), device),
+        store=IterationFiles(run_key, len(sublayers(teacher))),
+        on_step=on_step,
     )
+    return result.record
 
 
 # ---------------------------------------------------------------- evaluate

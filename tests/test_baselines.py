@@ -10,7 +10,6 @@ import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
-from kprune.api import model_logits
 from kprune.arch import encoder_input, task_logits
 from kprune.baselines import KwonConfig, kwon_masks, kwon_prune, magnitude_prune
 from kprune.baselines.common import apply_masks, masked_logits, model_batches
@@ -28,6 +27,7 @@ from kprune.baselines.kwon import (
 )
 from kprune.baselines.magnitude import weight_magnitudes
 from kprune.flops import head_flops, neuron_flops
+from kprune.models import model_logits
 from kprune.sample import average_length
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
 
@@ -71,7 +71,7 @@ def test_kwon_flops_never_exceed_the_budget_and_use_it(family, flops_keep):
     budget = flops_keep * encoder_flops_of(model, seq_len)
     assert flops == pytest.approx(result.record.flops_final)
     assert flops <= budget * TOLERANCE
-    assert result.record.flops_budget == pytest.approx(budget)
+    assert result.record.budget_flops == pytest.approx(budget)
     # The search fills the budget: less than one neuron is left, unless every neuron is kept.
     heads, neurons = unit_counts(result.model)
     all_neurons = sum(sub.num_units for sub in sublayers(model)[1::2])

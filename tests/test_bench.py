@@ -1,33 +1,43 @@
 """Smoke test of the benchmark scripts (bench/): each main() on a tiny random model and tiny prepared data
 writes its JSON, PNG and markdown with the expected keys. No data/teacher, no real model."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
-from tiny import tiny_model, tiny_sample, tiny_tokenizer
+from tiny import sentences, tiny_model, tiny_sample, tiny_tokenizer
+
+from kprune.arch import CLASSIFICATION
+from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
+from kprune.tasks import custom_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench import accuracy, cost, speed  # noqa: E402
 from bench.common import METHODS, sample_rows  # noqa: E402
-from pipeline.store import write_table  # noqa: E402
+from pipeline.store import write_dataset, write_json, write_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """A teacher folder and a prepared folder laid out as the pipeline's prepare stage writes it."""
     root = tmp_path_factory.mktemp("bench")
-    teacher = root / "teacher"
+    teacher, prepared = root / "teacher", root / "prepared"
     tiny_model("bert", num_labels=2).save_pretrained(teacher)
     tiny_tokenizer(root).save_pretrained(teacher)
     generator = torch.Generator().manual_seed(0)
-    (root / "prepared").mkdir()
-    for split, rows, seed in (("train", 48, 0), ("dev", 20, 1)):
-        columns = tiny_sample(num=rows, max_len=12, seed=seed)
-        columns["label"] = torch.randint(0, 2, (rows,), generator=generator)
-        write_table(root / "prepared" / split, columns)
+    train = tiny_sample(num=48, max_len=12, seed=0)
+    train["label"] = torch.randint(0, 2, (48,), generator=generator)
+    write_table(prepared / "train", train)
+    dev = {"text": sentences(20, seed=1), "label": torch.randint(0, 2, (20,), generator=generator).tolist()}
+    write_dataset(prepared / "dev_examples" / "validation", datasets.Dataset.from_dict(dev))
+    write_json(prepared / "task.json", dataclasses.asdict(custom_task(CLASSIFICATION)))
+    window = {"max_length": 12, "stride": STRIDE, "max_question_tokens": MAX_QUESTION_TOKENS}
+    write_json(prepared / "info.json", {"tokenizer": str(teacher), **window})
     return root
 
 

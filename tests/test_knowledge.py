@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from tiny import model_inputs, tiny_model, tiny_sample
 
-from kprune.api import model_logits
 from kprune.arch import encoder_input, task_logits, task_of
 from kprune.knowledge import distillation_loss as distillation_loss_lib
 from kprune.knowledge import loss_hessian_factor, measure_knowledge, unit_scores
+from kprune.models import model_logits
 from kprune.sublayer import sublayers
 
 T = 2.0
@@ -218,3 +218,32 @@ def test_reference_batch_gradient_knowledge_vanishes_at_the_teacher_and_matches_
     loss = sum(distillation_loss("classification", logits[b], shifted[b], None) for b in range(8)) / 8
     (gradient,) = torch.autograd.grad(loss, ones)
     torch.testing.assert_close(reference(shifted), 0.5 * gradient.pow(2) / 8)
+
+
+@pytest.mark.parametrize("predictive", ["fisher", "batch-gradient"])
+def test_micro_batches_do_not_change_the_knowledge(predictive):
+    """One row per backward pass (max_tokens=1) gives what one pass over the whole batch gives."""
+    model = tiny_model("bert", "classification", num_labels=3).double()
+    sample = tiny_sample(num=8)
+    with torch.no_grad():
+        teacher = model_logits(model, sample) + 0.3 * torch.randn(8, 3, dtype=torch.float64)
+        hidden = encoder_input(model, sample)
+    subs, mask = sublayers(model), [sample["attention_mask"]]
+
+    def knowledge(max_tokens):
+        known = measure_knowledge(
+            model,
+            subs,
+            [hidden],
+            mask,
+            [teacher],
+            "classification",
+            T,
+            predictive=predictive,
+            max_tokens=max_tokens,
+        )
+        return torch.cat([torch.cat([k.predictive, k.representational]) for k in known])
+
+    whole, split = knowledge(10_000), knowledge(1)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=0)

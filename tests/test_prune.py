@@ -7,11 +7,11 @@ import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
-from kprune.api import model_logits
 from kprune.arch import encoder_input
-from kprune.iterate import PruneState, run_step, teacher_step
+from kprune.iterate import StepStore, TeacherStream, iterate
+from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
-from kprune.sublayer import encoder_flops_of, sublayers, unit_counts
+from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
 
 
 def run(model, sample, flops_keep, **options):
@@ -29,7 +29,7 @@ def test_pruned_flops_never_exceed_the_budget(family, flops_keep):
     assert flops == pytest.approx(result.record.flops_final)
     assert flops <= flops_keep * encoder_flops_of(model, seq_len) * (1 + 1e-9)
     # The budget is used, not wasted: at most one head's worth of FLOPs is left over.
-    assert result.record.flops_budget - flops <= max(s.flops_kept for s in result.record.steps) + 1e-6
+    assert result.record.budget_flops - flops <= max(s.sublayer_flops for s in result.record.steps) + 1e-6
     assert result.record.heads and len(result.record.heads) == model.config.num_hidden_layers
 
 
@@ -72,28 +72,92 @@ def test_tuning_lowers_the_reconstruction_error_and_can_be_switched_off():
     torch.testing.assert_close(layer.output.weight, original)
 
 
-def test_each_step_feeds_the_next_from_the_cached_student_input():
+class MemoryStore(StepStore):
+    """A step store that keeps every step in a dict, resumes from it, and checks each step's input."""
+
+    def __init__(self, done=None, check_input=None):
+        self.saved, self.done, self.check_input = {}, done or [], check_input
+
+    def finished(self):
+        return self.done
+
+    def knowledge(self, t, measure):
+        if self.check_input is not None:
+            self.check_input(t, measure.args[2])  # the student's input to sublayer t, as carried
+        return measure()
+
+    def finish(self, t, record, keep, weight):
+        self.saved[t] = (record, keep.clone(), None if weight is None else weight.clone())
+
+
+def test_each_step_feeds_the_next_from_the_carried_student_input():
     """The carried hidden states equal a fresh forward of the partly pruned student from its embeddings."""
     teacher = tiny_model("distilbert")
     sample = model_inputs(teacher, tiny_sample())
-    student = copy.deepcopy(teacher).requires_grad_(False)
     config = kprune.KPruneConfig(flops_keep=0.3, batch_size=10)
     batches = make_batches(sample, config.batch_size)
-    with torch.no_grad():
-        teacher_logits = [model_logits(teacher, batch) for batch in batches]
-        hidden = [encoder_input(teacher, batch) for batch in batches]
-    state = PruneState(0, hidden, config.flops_keep * encoder_flops_of(teacher, 7.0))
-    teacher_hidden = hidden
-    for t in range(len(sublayers(student))):
-        targets, teacher_hidden = teacher_step(teacher, t, teacher_hidden, batches)
-        state = run_step(state, student, batches, teacher_logits, targets, "classification", 7.0, config)
-        for batch, carried in zip(batches, state.student_hidden, strict=True):
+    reference, checked = copy.deepcopy(teacher), []
+
+    def check_input(t, carried):
+        if t > 0:  # the reference is pruned as the run went: sublayers 0..t-1
+            record, keep, weight = store.saved[t - 1]
+            Sublayer(reference, t - 1).keep_units(keep, weight)
+        for batch, hidden in zip(batches, carried, strict=True):
             with torch.no_grad():
-                fresh = encoder_input(student, batch)
-                for sub in sublayers(student)[: t + 1]:
+                fresh = encoder_input(reference, batch)
+                for sub in sublayers(reference)[:t]:
                     fresh = sub.forward(fresh, batch["attention_mask"])
-            torch.testing.assert_close(carried, fresh, atol=1e-5, rtol=1e-5)
-    assert state.sublayer == 4 and len(state.steps) == 4
+            torch.testing.assert_close(hidden, fresh, atol=1e-5, rtol=1e-5)
+        checked.append(t)
+
+    store = MemoryStore(check_input=check_input)
+    iterate(teacher, batches, config, store=store, progress=False)
+    assert checked == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("done", [1, 3])
+def test_a_resumed_run_gives_the_model_of_a_straight_run(done):
+    teacher = tiny_model("bert")
+    sample = model_inputs(teacher, tiny_sample())
+    config = kprune.KPruneConfig(flops_keep=0.4, batch_size=8)
+    batches = make_batches(sample, config.batch_size)
+    straight_store = MemoryStore()
+    straight = iterate(teacher, batches, config, store=straight_store, progress=False)
+    finished = [straight_store.saved[t] for t in range(done)]
+    resumed = iterate(teacher, batches, config, store=MemoryStore(done=finished), progress=False)
+    assert resumed.record.steps == straight.record.steps[:done] + resumed.record.steps[done:]
+    assert [s.kept_units for s in resumed.record.steps] == [s.kept_units for s in straight.record.steps]
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums():
+    teacher = tiny_model("roberta")
+    batches = make_batches(model_inputs(teacher, tiny_sample()), 16)
+    stream = TeacherStream(teacher, batches)
+    hidden = stream.encoder_input()
+    for t in (0, 1, 3):  # sublayer 2 is skipped, as a resumed run skips it
+        for batch, target in zip(batches, stream.targets(t), strict=True):
+            with torch.no_grad():
+                state = encoder_input(teacher, batch)
+                for sub in sublayers(teacher)[:t]:
+                    state = sub.forward(state, batch["attention_mask"])
+                sub = Sublayer(teacher, t)
+                expected = sub.residual_sum(state, sub.features(state, batch["attention_mask"]))
+            torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    assert len(hidden) == len(batches)
+    with pytest.raises(RuntimeError, match="cannot go back"):
+        next(iter(stream.targets(1)))
+
+
+def test_the_student_shares_no_memory_with_the_teacher():
+    teacher = tiny_model("electra")
+    result = run(teacher, tiny_sample(), 0.5)
+    teacher_memory = {p.untyped_storage().data_ptr() for p in [*teacher.parameters(), *teacher.buffers()]}
+    student = [*result.model.parameters(), *result.model.buffers()]
+    assert not {p.untyped_storage().data_ptr() for p in student} & teacher_memory
+    assert all(not p.requires_grad for p in result.model.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher's flags are untouched
 
 
 def test_bad_input_gets_one_clear_error():

@@ -7,17 +7,16 @@ unit, any other value scales its output; ``apply_masks`` turns such masks into a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from kprune.api import model_batch
 from kprune.arch import ATTENTION, encoder_input, head_dim_of, task_logits
 from kprune.flops import head_flops, neuron_flops
-from kprune.iterate import StepRecord
-from kprune.sample import average_length, make_batches
+from kprune.models import model_batch
+from kprune.record import StepRecord
+from kprune.sample import make_batches
 from kprune.sublayer import Sublayer, sublayers
 
 Masks = Sequence[torch.Tensor | None]  # one entry per sublayer; None = every unit at 1
@@ -134,18 +133,11 @@ def model_batches(
     return batches, label_batches
 
 
-def resolve_seq_len(sample: Mapping[str, torch.Tensor], seq_len: float | None) -> float:
-    value = average_length(sample) if seq_len is None else float(seq_len)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"seq_len must be a finite number > 0, got {seq_len!r}")
-    return value
-
-
 def step_records(
     model: nn.Module,
     keeps: Sequence[torch.Tensor],
     costs: tuple[float, float],
-    budget: float,
+    budget_flops: float,
     lost: Sequence[float] | None = None,
     errors: Sequence[tuple[float, float, float]] | None = None,
 ) -> list[StepRecord]:
@@ -155,7 +147,7 @@ def step_records(
     (before, after, ||target||^2) of any layer-wise reconstruction. Quantities a method does not measure
     are NaN (representational knowledge always is, for the baselines).
     """
-    records, left = [], budget
+    records, left = [], budget_flops
     nan = float("nan")
     for sub, keep in zip(sublayers(model), keeps, strict=True):
         kept = int(keep.sum())
@@ -170,8 +162,8 @@ def step_records(
                 units_before=sub.num_units,
                 units_kept=kept,
                 kept_units=keep.nonzero().flatten().tolist(),
-                flops_kept=kept * cost,
-                budget_left=left,
+                sublayer_flops=kept * cost,
+                flops_left=left,
                 predictive_lost=lost[sub.index] if lost is not None else nan,
                 representational_lost=nan,
                 error_before=before,

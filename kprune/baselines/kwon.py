@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kprune.api import PruneResult, build_record, resolve_device
 from kprune.arch import ATTENTION, CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, encoder_input, task_of
 from kprune.baselines.common import (
     apply_masks,
@@ -56,11 +55,13 @@ from kprune.baselines.common import (
     masked_logits,
     masked_sublayer,
     model_batches,
-    resolve_seq_len,
     step_records,
     subsample,
     unit_costs,
 )
+from kprune.models import resolve_device
+from kprune.record import PruneResult, build_record
+from kprune.sample import resolve_seq_len
 from kprune.search import BUDGET_RELATIVE_TOLERANCE
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
 
@@ -626,7 +627,8 @@ def _kwon_masks(
 ) -> tuple[KwonMasks, list[dict[str, Tensor]]]:
     """The method on ``work`` (a private copy, on the device): its masks and the batches used."""
     labels = task_labels(work, sample, labels)
-    seq_len = resolve_seq_len(sample, config.seq_len)  # on the whole sample, like kprune.prune
+    # on the whole sample, like kprune.prune
+    seq_len = resolve_seq_len(config.seq_len, sample["attention_mask"])
     sample, labels = subsample(sample, labels, config.num_samples, config.seed)
     device = next(work.parameters()).device
     batches, label_batches = model_batches(work, sample, config.batch_size, device, labels)

@@ -16,16 +16,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from kprune.api import PruneResult, build_record, resolve_device
 from kprune.arch import ATTENTION
 from kprune.baselines.common import (
     check_flops_keep,
     model_batches,
-    resolve_seq_len,
     step_records,
     sublayer_cost,
     unit_costs,
 )
+from kprune.models import resolve_device
+from kprune.record import PruneResult, build_record
+from kprune.sample import resolve_seq_len
 from kprune.search import search_mask
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
 
@@ -68,7 +69,7 @@ def magnitude_prune(
         raise ValueError("pass a sample or seq_len: the FLOPs model needs the average sequence length")
     started = time.perf_counter()
     device = resolve_device(device)
-    seq_len = resolve_seq_len(sample, seq_len)
+    seq_len = resolve_seq_len(seq_len, () if sample is None else sample["attention_mask"])
     pruned = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     costs = unit_costs(pruned, seq_len)
     budget = flops_keep * encoder_flops_of(pruned, seq_len)

@@ -11,9 +11,8 @@ import shutil
 
 import transformers
 
-from kprune.api import PruneRecord
 from kprune.io import save_pruned
-from kprune.iterate import StepRecord
+from kprune.record import PruneRecord
 from pipeline import store, tracking
 from pipeline.project import EXPORT, METRICS, RECORD, TEACHER, start_stage
 
@@ -21,10 +20,7 @@ logger = logging.getLogger("pipeline.export")
 
 
 def load_record() -> PruneRecord:
-    fields = store.read_json(RECORD)
-    fields.pop("flops_kept")  # a property of the record, saved for readers of the JSON
-    fields["steps"] = [StepRecord(**step) for step in fields["steps"]]
-    return PruneRecord(**fields)
+    return PruneRecord.from_dict(store.read_json(RECORD))
 
 
 def main() -> None:

@@ -11,26 +11,23 @@ from __future__ import annotations
 import dataclasses
 
 from kprune.config import KPruneConfig
+from kprune.sample import resolve_seq_len
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
 from pipeline.project import PREPARED, RECORD, load_params, start_stage
 
 
-def sequence_length(seq_len, info: dict) -> float:
-    """The FLOPs model's tokens per sequence: given, the task's reference value ("reference"), or by
-    default the average measured on the (first) dev split."""
+def sequence_length(seq_len, info: dict) -> float | None:
+    """prune.seq_len for the library: null stays None (the library measures the sample, as every entry
+    point does), "reference" becomes the paper's value for the task, a number stays itself."""
     if seq_len is None:
-        return next(iter(info["dev"].values()))["average_length"]
-    if seq_len == "reference":
-        if info.get("reference_length") is None:
-            raise ValueError(f"task {info['task']!r} has no reference sequence length; set prune.seq_len")
-        return info["reference_length"]
-    return float(seq_len)
+        return None
+    return resolve_seq_len(seq_len, reference_length=info.get("reference_length"))
 
 
 def main() -> None:
     start_stage()
-    with prefect_api():
+    with prefect_api(preload="pipeline.flows"):  # imported while a Prefect server starts
         run_stage()
 
 
