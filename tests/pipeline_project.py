@@ -34,7 +34,9 @@ def commit(project: Path) -> None:
 
 
 def run(project: Path, *command: str, env: dict | None = None, check: bool = True):
+    """Run ``command`` in ``project`` with this environment, plus ``env`` (a None value removes one)."""
     environment = dict(os.environ, **(env or {}))
+    environment = {name: value for name, value in environment.items() if value is not None}
     environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
     result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
     if check and result.returncode != 0:

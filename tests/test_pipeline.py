@@ -9,6 +9,7 @@ tokenizer, fine-tuned for a few steps by the teacher stage on the embedded Rotte
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from pipeline_project import (
 import kprune
 from kprune.sublayer import unit_counts
 from pipeline.flows import KILL_AFTER_ITERATION_ENV
-from pipeline.prefect_api import prefect_api
+from pipeline.prefect_api import SERVER_MODULE, prefect_api
 
 SUBLAYERS = 4  # the tiny model has 2 layers
 
@@ -63,12 +64,13 @@ def wait_until(condition, seconds: float) -> bool:
 
 
 def servers_of(project: Path) -> list[psutil.Process]:
-    """Local Prefect servers started by the stages of ``project`` (their command line names it)."""
+    """Prefect servers of ``project``: ours (their command line names it) or Prefect's own (run in it)."""
     servers = []
-    for process in psutil.process_iter(["cmdline", "status"]):
+    for process in psutil.process_iter(["cmdline", "cwd", "status"]):
         cmdline = " ".join(process.info["cmdline"] or [])
         running = process.info["status"] != psutil.STATUS_ZOMBIE
-        if running and "prefect.server.api.server:create_app" in cmdline and str(project) in cmdline:
+        is_server = SERVER_MODULE in cmdline or "prefect.server.api.server:create_app" in cmdline
+        if running and is_server and (str(project) in cmdline or process.info["cwd"] == str(project)):
             servers.append(process)
     return servers
 
@@ -99,11 +101,23 @@ def test_budget_change_reruns_only_prune_and_after(project):
     assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_kept"] <= 0.3
 
 
+def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(project):
+    """`dvc repro` alone (no PREFECT_API_URL): the flow stages share one local server, which ends with dvc."""
+    result = dvc(project, "repro", "--force", "--downstream", "calibrate", env={"PREFECT_API_URL": None})
+    assert stages_run(result) == ["calibrate", "prune", "evaluate", "export"]
+    output = result.stdout + result.stderr
+    assert "Error logging to API" not in output and "Traceback" not in output
+    # the three flows were recorded by one server, started once and reused
+    assert len(set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", output))) == 1
+    assert output.count("local server, started") == 1 and output.count("local server, reused") == 2
+    assert wait_until(lambda: not servers_of(project), seconds=10)
+
+
 def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
     straight_export = digest(project / "data/export/pruned.safetensors")
     shutil.rmtree(project / "data/prune/iterations")  # forget the finished run: prune starts over
-    # Without PREFECT_API_URL the stage starts its own server; it must not outlive the killed stage.
-    killed = dvc(project, "repro", env={KILL_AFTER_ITERATION_ENV: "1", "PREFECT_API_URL": ""}, check=False)
+    # A bare dvc repro: the server its stage starts must not outlive the dvc run of the killed stage.
+    killed = dvc(project, "repro", env={KILL_AFTER_ITERATION_ENV: "1", "PREFECT_API_URL": None}, check=False)
     assert killed.returncode != 0
     assert wait_until(lambda: not servers_of(project), seconds=10)
     iterations = project / "data/prune/iterations"

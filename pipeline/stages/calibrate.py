@@ -14,7 +14,7 @@ from pipeline.project import load_params, start_stage
 
 def main() -> None:
     start_stage()
-    with prefect_api():
+    with prefect_api(preload="pipeline.flows"):  # imported while a Prefect server starts
         run_stage()
 
 

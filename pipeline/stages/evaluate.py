@@ -82,7 +82,7 @@ def save_figures(layers: list[dict], iterations: list[dict]) -> None:
 
 def main() -> None:
     start_stage()
-    with prefect_api():
+    with prefect_api(preload="pipeline.flows"):  # imported while a Prefect server starts
         run_stage()
 
 
