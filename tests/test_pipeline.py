@@ -80,7 +80,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert stages_run(first) == ["prepare", "teacher", "calibrate", "prune", "evaluate", "export"]
     assert "pipeline finished" in first.stdout and "pruned model:" in first.stdout
     # one log line per prune iteration, with its figures
-    assert sum("INFO pipeline.flows: iteration" in line for line in first.stderr.splitlines()) == SUBLAYERS
+    assert sum("INFO kprune.iterate: iteration" in line for line in first.stderr.splitlines()) == SUBLAYERS
 
     metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
     assert metrics["flops_keep"] == 0.5 and metrics["flops_kept"] <= 0.5
