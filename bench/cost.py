@@ -43,6 +43,7 @@ from bench.common import (
     write_json,
     write_markdown,
 )
+from kprune.memory import limit_heap_fragmentation
 
 NAME = "cost"
 TEACHER_MODEL = "teacher"
@@ -103,7 +104,9 @@ def bert_base_random(shape, vocab_size: int, seed: int) -> torch.nn.Module:
 
 
 def measure_one(args: argparse.Namespace) -> dict:
-    """Load the model and the sample, then time one prune; RSS figures are of this process."""
+    """Load the model and the sample, then time one prune; RSS figures are of this process, with the
+    heap setting of the CLI and the pipeline (kprune.memory.limit_heap_fragmentation)."""
+    limit_heap_fragmentation()
     rss_start = current_rss_mb()
     sample, labels = draw_sample(args.prepared, args.num_tokens, args.seed)
     if args.model == TEACHER_MODEL:

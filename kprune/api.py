@@ -22,6 +22,7 @@ def prune(
     *,
     config: KPruneConfig | None = None,
     device: str | torch.device = "auto",
+    offload: bool | None = None,
     progress: bool = True,
     **options,
 ) -> PruneResult:
@@ -31,6 +32,8 @@ def prune(
         XLM-R, DistilBERT, ELECTRA); it is the teacher and is not modified (it may be moved to ``device``).
     sample: a tokenizer's padded output for a few thousand task inputs (labels are not needed).
     flops_keep: fraction of FLOPs to keep, in (0, 1]; or pass ``config`` (a KPruneConfig).
+    offload: keep the whole-sample hidden states in temporary files rather than RAM (default: on the
+        CPU; see kprune.memory). It changes the memory a prune needs, never its result.
     options: other KPruneConfig fields (lam_pred, lam_rep, mu, temperature, ...).
     Returns the physically smaller model and a record of what was kept.
     """
@@ -45,4 +48,4 @@ def prune(
     device = resolve_device(device)
     teacher = model.to(device).eval()
     batches = [model_batch(model, batch) for batch in make_batches(sample, config.batch_size, device)]
-    return iterate(teacher, batches, config, progress=progress)
+    return iterate(teacher, batches, config, offload=offload, progress=progress)

@@ -30,6 +30,7 @@ from kprune.config import KPruneConfig
 from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import is_pruned_folder, read_meta, save_pruned
+from kprune.memory import limit_heap_fragmentation
 from kprune.models import load_model, resolve_device
 from kprune.record import PruneRecord
 from kprune.sample import REFERENCE, resolve_seq_len
@@ -528,6 +529,7 @@ def _console_logging(quiet: bool, verbose: bool) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    limit_heap_fragmentation()
     with _console_logging(args.quiet, args.verbose):
         try:
             args.run(args)

@@ -29,6 +29,9 @@ class KPruneConfig:
     predictive_knowledge: "fisher" (per-example Fisher, non-zero at iteration 0) or "batch-gradient"
         (the reference code's squared batch-mean gradients; for ablations).
     batch_size: sequences per forward pass; seed: seeds the random projections.
+    knowledge_tokens: measure knowledge on whole batches of the sample (seeded) holding about this many
+        tokens instead of all of it: fewer passes through the sublayers above, an approximation of the
+        paper's measurement; the least squares still use every token. None (default): the whole sample.
     micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
         its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
     """
@@ -45,6 +48,7 @@ class KPruneConfig:
     predictive_knowledge: str = FISHER
     batch_size: int = 32
     seed: int = 0
+    knowledge_tokens: int | None = None
     micro_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
@@ -63,6 +67,8 @@ class KPruneConfig:
             raise ValueError(
                 f"predictive_knowledge must be one of {PREDICTIVE_MODES}, got {self.predictive_knowledge!r}"
             )
+        if self.knowledge_tokens is not None and self.knowledge_tokens < 1:
+            raise ValueError(f"knowledge_tokens must be >= 1 or None, got {self.knowledge_tokens}")
         if self.batch_size < 1 or self.projections < 1 or self.micro_batch_tokens < 1:
             raise ValueError("batch_size, projections and micro_batch_tokens must be >= 1")
 

@@ -38,6 +38,7 @@ from kprune.arch import ATTENTION, encoder_input, task_of
 from kprune.config import KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, measure_knowledge, unit_scores
+from kprune.memory import OffloadedStates, hidden_states, offload_default
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
 from kprune.sample import resolve_seq_len
@@ -48,6 +49,7 @@ from kprune.tune import LeastSquaresStats, TuneReport, solve_output_projection
 logger = logging.getLogger(__name__)
 
 Batches = Sequence[dict[str, torch.Tensor]]
+HiddenStates = list[torch.Tensor] | OffloadedStates  # one (B, S, d) tensor per batch
 
 
 # ---------------------------------------------------------------- the teacher's side
@@ -59,7 +61,7 @@ class TeacherSide(Protocol):
 
     logits: Sequence[torch.Tensor]
 
-    def encoder_input(self) -> list[torch.Tensor]: ...
+    def encoder_input(self) -> Iterable[torch.Tensor]: ...
 
     def targets(self, t: int) -> Iterable[torch.Tensor]: ...
 
@@ -68,19 +70,17 @@ class TeacherStream:
     """The teacher's side computed as the loop goes: one whole-sample copy of its hidden states, advanced
     in place while sublayer t's targets are read, so no sublayer's targets are ever all in memory."""
 
-    def __init__(self, teacher: nn.Module, batches: Batches):
+    def __init__(self, teacher: nn.Module, batches: Batches, offload: bool = False):
         self.teacher, self.batches, self.sublayer = teacher, batches, 0
         with torch.no_grad():
             self.logits = [model_logits(teacher, batch) for batch in batches]
-            self.hidden = [encoder_input(teacher, batch) for batch in batches]
-        self._encoder_input = [state.clone() for state in self.hidden]
+            self.hidden = hidden_states((encoder_input(teacher, batch) for batch in batches), offload)
 
-    def encoder_input(self) -> list[torch.Tensor]:
-        """The student's input to sublayer 0 (handed over once: the loop advances it in place)."""
-        hidden, self._encoder_input = self._encoder_input, None
-        if hidden is None:
-            raise RuntimeError("the encoder input of a TeacherStream is handed out once")
-        return hidden
+    def encoder_input(self) -> Iterator[torch.Tensor]:
+        """The student's input to sublayer 0, batch by batch; read it before the first targets."""
+        if self.sublayer:
+            raise RuntimeError("the teacher stream has moved past the encoder input")
+        return iter(self.hidden)  # the loop replaces a list's tensors, never writes into them
 
     @torch.no_grad()
     def targets(self, t: int) -> Iterator[torch.Tensor]:
@@ -142,25 +142,40 @@ def step_generator(seed: int, t: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, t]).generate_state(1)[0]))
 
 
+def knowledge_batches(batches: Batches, knowledge_tokens: int | None, seed: int) -> list[int]:
+    """The batches knowledge is measured on: every one, or whole batches in a seeded order until they
+    hold ``knowledge_tokens`` real tokens (in sample order; the same at every step)."""
+    if knowledge_tokens is None:
+        return list(range(len(batches)))
+    chosen, tokens = [], 0
+    for index in torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist():
+        if tokens >= knowledge_tokens:
+            break
+        chosen.append(index)
+        tokens += int(batches[index]["attention_mask"].sum())
+    return sorted(chosen)
+
+
 def measure(
     student: nn.Module,
     t: int,
-    student_hidden: Sequence[torch.Tensor],
+    student_hidden: HiddenStates,
     batches: Batches,
     teacher_logits: Sequence[torch.Tensor],
     config: KPruneConfig,
 ) -> list[Knowledge]:
-    """Knowledge of every unit of sublayers t, t+1, ..., 2L-1.
+    """Knowledge of every unit of sublayers t, t+1, ..., 2L-1, on the batches of ``knowledge_batches``.
 
     The random projections (QA, many classes) are seeded by (config.seed, t) alone, so a step gives the
     same result whether the run went straight through or resumed at t.
     """
+    chosen = knowledge_batches(batches, config.knowledge_tokens, config.seed)
     return measure_knowledge(
         student,
         sublayers(student)[t:],
-        student_hidden,
-        [batch["attention_mask"] for batch in batches],
-        teacher_logits,
+        (student_hidden[index] for index in chosen),
+        [batches[index]["attention_mask"] for index in chosen],
+        [teacher_logits[index] for index in chosen],
         task_of(student),
         temperature=config.temperature,
         projections=config.projections,
@@ -196,7 +211,7 @@ def tune(
     student: nn.Module,
     t: int,
     keep: torch.Tensor,
-    student_hidden: Sequence[torch.Tensor],
+    student_hidden: HiddenStates,
     batches: Batches,
     targets: Iterable[torch.Tensor],
     config: KPruneConfig,
@@ -221,7 +236,7 @@ def tune(
 
 
 @torch.no_grad()
-def advance(student: nn.Module, t: int, student_hidden: list[torch.Tensor], batches: Batches) -> None:
+def advance(student: nn.Module, t: int, student_hidden: HiddenStates, batches: Batches) -> None:
     """Replace each batch of the student's input to sublayer t by its output, the input to t+1."""
     sub = Sublayer(student, t)
     for index, batch in enumerate(batches):
@@ -293,6 +308,7 @@ def iterate(
     *,
     teacher_side: TeacherSide | None = None,
     store: StepStore | None = None,
+    offload: bool | None = None,
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> PruneResult:
@@ -300,17 +316,21 @@ def iterate(
 
     teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed).
     store: where each iteration's results live (default: nowhere; a persisted store resumes).
+    offload: keep the student's and the teacher's whole-sample hidden states in temporary files, read
+        one batch at a time (default: on the CPU; see kprune.memory).
     on_step: called with each new iteration's record.
     """
     started = time.perf_counter()
     teacher.eval()
     student = student_of(teacher)
     seq_len = resolve_seq_len(config.seq_len, [batch["attention_mask"] for batch in batches])
-    teacher_side = teacher_side if teacher_side is not None else TeacherStream(teacher, batches)
+    if offload is None:
+        offload = offload_default(batches[0]["input_ids"].device)
+    teacher_side = teacher_side if teacher_side is not None else TeacherStream(teacher, batches, offload)
     store = store if store is not None else StepStore()
     total = len(sublayers(student))
     budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)
-    hidden = teacher_side.encoder_input()
+    hidden = hidden_states(teacher_side.encoder_input(), offload)
 
     steps = []
     for record, keep, weight in store.finished():

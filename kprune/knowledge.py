@@ -196,13 +196,16 @@ def _measure_micro_batch(
     """Per sublayer: the squared features summed over valid tokens (units, width), and the gradients of
     the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
     (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
-    valid = attention_mask.bool()
+    token_weights = attention_mask.flatten().to(hidden.dtype)
     masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
     squared_features = []
     for sub, mask in zip(subs, masks, strict=True):
         features = sub.features(hidden, attention_mask)
-        # float32 within a micro-batch, float64 across them: no float64 copy of the features
-        squared_features.append(features.detach()[valid].pow(2).sum(0).double().cpu())
+        # Valid tokens' squares summed by one matrix-vector product, in float32 within a micro-batch and
+        # float64 across them: no gathered or float64 copy of the features.
+        flat = features.detach().flatten(0, 1).flatten(1)
+        squared = token_weights @ (flat * flat)
+        squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
         hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
     gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     logits = task_logits(model, hidden)

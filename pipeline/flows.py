@@ -2,7 +2,7 @@
 
 Each flow is a thin layer over ``kprune``: the math and the loop live there (``kprune.iterate``), the flows
 decide what is read from and written to disk. The prune flow runs the library's loop with two plug-ins:
-``CalibrationFiles`` (the teacher's side, read memory-mapped) and ``IterationFiles`` (a step store whose
+``CalibrationFiles`` (the teacher's side, read one batch at a time) and ``IterationFiles`` (a step store whose
 steps are Prefect tasks writing the iteration files). Prefect's result cache is off on purpose: DVC
 decides which stages run, and inside the prune stage every file an iteration writes carries the
 fingerprint of the run that wrote it, so a resumed run reuses exactly the files of its own run.
@@ -134,8 +134,7 @@ def write_targets(stream: TeacherStream, t: int, batches: Batches) -> None:
 
 
 class CalibrationFiles:
-    """The teacher's side of the K-prune loop read back from the calibrate stage, memory-mapped: only
-    the batch at hand is ever copied out of the files."""
+    """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
 
     def __init__(self, batches: Batches, task_kind: str, device: torch.device):
         self.masks, self.device = [mask.cpu() for mask in token_masks(batches)], device
@@ -143,12 +142,11 @@ class CalibrationFiles:
             CALIBRATION / "teacher_logits.arrow", logit_masks(task_kind, batches), device
         )
 
-    def encoder_input(self) -> list[torch.Tensor]:
-        return store.read_tokens(CALIBRATION / "hidden_in.arrow", self.masks, self.device)
+    def encoder_input(self) -> Iterator[torch.Tensor]:
+        return store.iter_tokens(CALIBRATION / "hidden_in.arrow", self.masks, self.device)
 
     def targets(self, t: int) -> Iterator[torch.Tensor]:
-        tokens = store.read_token_matrix(CALIBRATION / f"targets_{t:02d}.arrow")
-        return (batch.to(self.device) for batch in store.scatter_tokens(tokens, self.masks))
+        return store.iter_tokens(CALIBRATION / f"targets_{t:02d}.arrow", self.masks, self.device)
 
 
 # ---------------------------------------------------------------- prune: persisted iteration files

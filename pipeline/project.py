@@ -19,7 +19,6 @@ TEACHER = DATA / "teacher"
 CALIBRATION = DATA / "calibration"
 PRUNE = DATA / "prune"
 ITERATIONS = PRUNE / "iterations"
-SCRATCH = PRUNE / "scratch"
 RECORD = PRUNE / "record.json"
 EVALUATION = DATA / "evaluate"
 METRICS = EVALUATION / "metrics.json"
@@ -69,9 +68,13 @@ def setup_logging() -> None:
 
 
 def start_stage() -> None:
-    """Call first in every stage: quiet offline settings and logging."""
+    """Call first in every stage: quiet offline settings, logging, and a heap that gives freed memory
+    back (kprune.memory)."""
+    from kprune.memory import limit_heap_fragmentation
+
     quiet_environment()
     setup_logging()
+    limit_heap_fragmentation()
     import datasets
 
     datasets.disable_progress_bars()  # per-shard bars of tiny writes; the stages draw their own

@@ -2,7 +2,7 @@
 
 Per-token tensors (hidden states, residual sums) are stored without padding, one row per real token, in
 the order of the length-sorted sample (``kprune.sample.make_batches``), which does not depend on the batch
-size. They are read back memory-mapped and scattered into padded batches, one batch at a time if asked.
+size. They are read back one record batch at a time and scattered into padded batches.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -111,39 +110,45 @@ def _shape_metadata(tokens: torch.Tensor, metadata: dict[str, str] | None) -> di
 
 
 def token_metadata(path: str | Path) -> dict[str, str]:
-    with pa.memory_map(str(path)) as source:
+    with pa.OSFile(str(path)) as source:
         schema = pa.ipc.open_file(source).schema
     return {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
 
 
-def read_token_matrix(path: str | Path) -> torch.Tensor:
-    """All tokens as one (tokens, *shape) tensor, memory-mapped (no copy) where Arrow allows it."""
-    source = pa.memory_map(str(path))
-    table = pa.ipc.open_file(source).read_all()
-    shape = json.loads(table.schema.metadata[b"token_shape"])
-    chunks = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in table.column(VALUES).chunks]
-    values = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-    with warnings.catch_warnings():  # Arrow's buffers are read-only, and nothing writes to them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(values).view(-1, *shape)
-
-
-def scatter_tokens(tokens: torch.Tensor, masks: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Padded (B, S, *shape) batches from the token rows of ``read_token_matrix``; zeros at padding."""
-    start = 0
-    for mask in masks:
-        valid = mask.bool()
-        count = int(valid.sum())
-        batch = tokens.new_zeros(*valid.shape, *tokens.shape[1:])
-        batch[valid] = tokens[start : start + count]
-        start += count
-        yield batch
-    if start != len(tokens):
-        raise ValueError(f"the file holds {len(tokens)} tokens, the batches {start}")
+def iter_tokens(path: str | Path, masks: Sequence[torch.Tensor], device="cpu") -> Iterator[torch.Tensor]:
+    """Padded (B, S, *shape) batches, zeros at padding, for the given attention masks (or per-row masks
+    of ones). The file is read one Arrow record batch at a time, without a memory map, so only the
+    batch at hand is in memory; the masks may cut the rows differently from the batches that wrote them.
+    """
+    with pa.OSFile(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        shape = json.loads(reader.schema.metadata[b"token_shape"])
+        pending, record, total = [], 0, 0
+        for mask in masks:
+            valid = mask.cpu().bool()
+            needed = int(valid.sum())
+            while sum(len(rows) for rows in pending) < needed and record < reader.num_record_batches:
+                values = reader.get_batch(record).column(VALUES).flatten().to_numpy(zero_copy_only=False)
+                pending.append(torch.from_numpy(values.copy()).view(-1, *shape))
+                record += 1
+            rows = (
+                torch.cat(pending) if len(pending) > 1 else pending[0] if pending else torch.empty(0, *shape)
+            )
+            if len(rows) < needed:
+                raise ValueError(f"{path} holds {total + len(rows)} tokens, the batches need more")
+            batch = rows.new_zeros(*valid.shape, *shape)
+            batch[valid] = rows[:needed]
+            pending, total = [rows[needed:]], total + needed
+            yield batch.to(device)
+        left = sum(len(rows) for rows in pending) + sum(
+            reader.get_batch(index).num_rows for index in range(record, reader.num_record_batches)
+        )
+        if left:
+            raise ValueError(f"{path} holds {total + left} tokens, the batches {total}")
 
 
 def read_tokens(path: str | Path, masks: Sequence[torch.Tensor], device="cpu") -> list[torch.Tensor]:
-    return [batch.to(device) for batch in scatter_tokens(read_token_matrix(path), [m.cpu() for m in masks])]
+    return list(iter_tokens(path, masks, device))
 
 
 # ---------------------------------------------------------------- tokenized tables

@@ -11,13 +11,14 @@ from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
 from kprune.arch import encoder_input, task_logits
-from kprune.baselines import KwonConfig, kwon_masks, kwon_prune, magnitude_prune
-from kprune.baselines.common import apply_masks, masked_logits, model_batches
+from kprune.baselines import KwonConfig, kwon, kwon_masks, kwon_prune, magnitude_prune
+from kprune.baselines.common import apply_masks, masked_logits, masked_sublayer, model_batches
 from kprune.baselines.kwon import (
     ScaleStats,
     fisher_block,
     fisher_objective,
     mask_gradients,
+    micro_batches,
     rearrange_mask,
     rescale_masks,
     search_heads_and_neurons,
@@ -125,6 +126,28 @@ def test_teacher_is_not_modified():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_kwon_result_owns_its_memory_and_the_teacher_keeps_its_flags():
+    """The method computes on the teacher's weights without copying them, so check that nothing of the
+    result is still the teacher's and that the teacher's modes are its own."""
+    model, sample, labels = setup("bert")
+    model.train()
+    result = kwon_prune(model, sample, 0.5, labels=labels, device="cpu")
+    assert model.training and all(parameter.requires_grad for parameter in model.parameters())
+    teacher = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    pruned = [*result.model.parameters(), *result.model.buffers()]
+    assert not any(t.numel() and t.untyped_storage().data_ptr() in teacher for t in pruned)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for parameter in result.model.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    masks = kwon_masks(model, sample, 0.5, labels=labels, device="cpu")
+    assert model.training and all(parameter.requires_grad for parameter in model.parameters())
+    assert [k.nonzero().flatten().tolist() for k in masks.keep] == [
+        step.kept_units for step in result.record.steps
+    ]
 
 
 # ------------------------------------------------------------------------------------------- search
@@ -331,6 +354,66 @@ def prepared(model, sample, labels, flops_keep=0.4):
     return masks, batches
 
 
+def brute_force_rescale(model, keeps, target_keeps, sample, ridge):
+    """The rescaling written out on the whole sample at once: sublayer by sublayer, bottom-up, the explicit
+    design matrix of the kept units' outputs over every real token ([CLS] only for a classifier's last FFN),
+    the ridge towards scale 1 as extra rows, solved by numpy's least squares."""
+    subs = sublayers(model)
+    attention_mask = sample["attention_mask"]
+    classifier = not hasattr(model, "qa_outputs")
+    scaled = []
+    with torch.no_grad():
+        student = target = encoder_input(model, dict(sample))
+        for sub, keep, target_keep in zip(subs, keeps, target_keeps, strict=True):
+            residual = masked_sublayer(sub, target, attention_mask, target_keep.float())[0]
+            mask = keep.double()
+            kept = keep.nonzero().flatten()
+            if sub.index > 0 and kept.numel():  # the first attention is not rescaled
+                rows = attention_mask.bool()
+                if classifier and sub.index == len(subs) - 1:
+                    rows = torch.zeros_like(rows)
+                    rows[:, 0] = True
+                features = sub.features(student, attention_mask)[rows][:, kept]
+                columns = (kept[:, None] * sub.width + torch.arange(sub.width)).flatten()
+                offset = sub.index % 2 == 0
+                design, rhs = explicit_design(
+                    features,
+                    sub.output.weight[:, columns],
+                    sub.width,
+                    (residual - student - sub.output.bias)[rows],
+                    offset,
+                )
+                units = kept.numel()
+                lam = ridge * float((design[:, :units] ** 2).sum(0).mean())
+                damping = np.zeros((units, design.shape[1]))
+                damping[:, :units] = np.sqrt(lam) * np.eye(units)
+                solution = np.linalg.lstsq(
+                    np.vstack([design, damping]),
+                    np.concatenate([rhs, np.full(units, np.sqrt(lam))]),
+                    rcond=None,
+                )[0]
+                mask[kept] = torch.from_numpy(solution[:units])
+            scaled.append(mask)
+            student = masked_sublayer(sub, student, attention_mask, mask.float())[1]
+            target = sub.layer_norm(residual)
+    return scaled
+
+
+@pytest.mark.parametrize("family,task", [("bert", "classification"), ("distilbert", "qa")])
+def test_streamed_rescaling_equals_the_whole_sample_least_squares(family, task):
+    model, sample, _ = setup(family, task, num=30)
+    batches, _ = model_batches(model, sample, 7, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    keeps = [torch.rand(sub.num_units, generator=generator) < 0.6 for sub in sublayers(model)]
+    targets = [keep | (torch.rand(keep.shape, generator=generator) < 0.5) for keep in keeps]
+    scaled, reports = rescale_masks(model, keeps, targets, batches, ridge=1e-3, max_scale=1e9)
+    assert [report.status for report in reports].count("rescaled") == len(reports) - 1
+    expected = brute_force_rescale(model, keeps, targets, sample, ridge=1e-3)
+    for ours, theirs in zip(scaled, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(mask, keep.double()) for mask, keep in zip(scaled, keeps, strict=True))
+
+
 def test_rescaling_lowers_every_reconstruction_error():
     model, sample, labels = setup("bert", num=48)
     masks, batches = prepared(model, sample, labels)
@@ -480,6 +563,38 @@ def test_per_example_mask_gradients_equal_single_example_autograd(family, task):
         expected = torch.autograd.grad(loss.sum(), masks)
         for sublayer, grad in enumerate(expected):
             torch.testing.assert_close(gradients[sublayer][position], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batches_cover_every_row_once_within_the_token_bound():
+    for rows, length, max_tokens in [(10, 7, 20), (3, 50, 10), (32, 16, 512), (5, 1, 2), (1, 9, 9)]:
+        slices = micro_batches(rows, length, max_tokens)
+        assert [i for part in slices for i in range(rows)[part]] == list(range(rows))
+        assert all(
+            (part.stop - part.start) * length <= max_tokens or part.stop - part.start == 1 for part in slices
+        )
+    assert len(micro_batches(10, 7, 20)) == 5 and len(micro_batches(32, 16, 512)) == 1
+
+
+@pytest.mark.parametrize("task", ["classification", "qa"])
+def test_fisher_micro_batches_bound_each_backward_and_change_no_gradient(task, monkeypatch):
+    model, sample, labels = setup("bert", task, num=20)
+    model.requires_grad_(False)
+    batches, label_batches = model_batches(model, sample, 8, torch.device("cpu"), labels)
+    whole = mask_gradients(model, batches, label_batches, max_tokens=10**6)
+    shapes = []
+
+    def recording(model, batch, masks):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return masked_logits(model, batch, masks)
+
+    monkeypatch.setattr(kwon, "masked_logits", recording)
+    for max_tokens in (1, 25):
+        shapes.clear()
+        split = mask_gradients(model, batches, label_batches, max_tokens=max_tokens)
+        assert sum(rows for rows, _ in shapes) == 20 and len(shapes) > len(batches)
+        assert all(rows * length <= max_tokens or rows == 1 for rows, length in shapes)
+        for ours, expected in zip(split, whole, strict=True):
+            torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
 
 
 def task_of_name(task):

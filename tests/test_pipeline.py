@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+import yaml
 from pipeline_project import (
     commit,
     digest,
@@ -30,7 +32,9 @@ from pipeline_project import (
 )
 
 import kprune
+from kprune.models import load_model
 from kprune.sublayer import unit_counts
+from pipeline import store
 from pipeline.flows import KILL_AFTER_ITERATION_ENV
 from pipeline.prefect_api import SERVER_MODULE, prefect_api
 
@@ -92,6 +96,25 @@ def test_repro_runs_every_stage_then_nothing(project):
     second = dvc(project, "repro")
     assert stages_run(second) == []
     assert "Data and pipelines are up to date" in second.stdout
+
+
+def test_the_exported_model_is_bit_identical_to_kprune_prune(project):
+    """The pipeline runs the library's loop: on the same teacher, sample and params, `dvc repro`'s
+    exported model and one `kprune.prune` call agree to the last bit."""
+    params = yaml.safe_load((project / "params.yaml").read_text())["prune"]
+    config = kprune.KPruneConfig(**{name: value for name, value in params.items() if name != "device"})
+    teacher, _ = load_model(str(project / "data/teacher"), torch.device("cpu"))
+    sample = store.read_table(project / "data/prepared/sample")
+    sample.pop("label", None)
+    library = kprune.prune(teacher, sample, config=config, device="cpu", progress=False)
+    exported = kprune.load_pruned(project / "data/export")
+    record = json.loads((project / "data/prune/record.json").read_text())
+    assert record["heads"] == library.record.heads and record["neurons"] == library.record.neurons
+    assert record["seq_len"] == library.record.seq_len
+    expected = library.model.state_dict()
+    assert exported.state_dict().keys() == expected.keys()
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, expected[name]), name
 
 
 def test_budget_change_reruns_only_prune_and_after(project):

@@ -135,7 +135,7 @@ def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums():
     teacher = tiny_model("roberta")
     batches = make_batches(model_inputs(teacher, tiny_sample()), 16)
     stream = TeacherStream(teacher, batches)
-    hidden = stream.encoder_input()
+    hidden = list(stream.encoder_input())
     for t in (0, 1, 3):  # sublayer 2 is skipped, as a resumed run skips it
         for batch, target in zip(batches, stream.targets(t), strict=True):
             with torch.no_grad():
@@ -148,6 +148,19 @@ def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums():
     assert len(hidden) == len(batches)
     with pytest.raises(RuntimeError, match="cannot go back"):
         next(iter(stream.targets(1)))
+    with pytest.raises(RuntimeError, match="moved past the encoder input"):
+        stream.encoder_input()
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_offloaded_hidden_states_give_the_same_model(family):
+    teacher = tiny_model(family)
+    sample = model_inputs(teacher, tiny_sample())
+    in_memory = kprune.prune(teacher, sample, 0.4, progress=False, offload=False)
+    offloaded = kprune.prune(teacher, sample, 0.4, progress=False, offload=True)
+    assert in_memory.record.heads == offloaded.record.heads
+    for name, value in in_memory.model.state_dict().items():
+        assert torch.equal(offloaded.model.state_dict()[name], value), name
 
 
 def test_the_student_shares_no_memory_with_the_teacher():

@@ -18,7 +18,6 @@ def test_tokens_round_trip_keeps_real_tokens_and_zeroes_padding(tmp_path):
     rows = store.write_tokens(tmp_path / "t.arrow", batches, masks, {"fingerprint": "abc"})
     assert rows == 10
     assert store.token_metadata(tmp_path / "t.arrow")["fingerprint"] == "abc"
-    assert store.read_token_matrix(tmp_path / "t.arrow").shape == (10, 3)
     for original, read, mask in zip(
         batches, store.read_tokens(tmp_path / "t.arrow", masks), masks, strict=True
     ):
@@ -40,8 +39,20 @@ def test_tokens_of_row_tensors_and_of_other_shapes(tmp_path):
 def test_reading_with_other_batches_is_an_error(tmp_path):
     batches, masks = padded_batches()
     store.write_tokens(tmp_path / "t.arrow", batches, masks)
-    with pytest.raises(ValueError, match="holds 10 tokens"):
+    with pytest.raises(ValueError, match="holds 10 tokens, the batches 5"):
         store.read_tokens(tmp_path / "t.arrow", masks[:1])
+    with pytest.raises(ValueError, match="holds 10 tokens, the batches need more"):
+        store.read_tokens(tmp_path / "t.arrow", [*masks, masks[1]])
+
+
+def test_tokens_read_back_with_batches_cut_otherwise(tmp_path):
+    """Written in two batches, read in three: the rows follow the sample order, not the writer's batches."""
+    batches, masks = padded_batches()
+    store.write_tokens(tmp_path / "t.arrow", batches, masks)
+    rows = torch.cat([batch[mask.bool()] for batch, mask in zip(batches, masks, strict=True)])
+    other = [torch.tensor([[1, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([[1, 0]])]
+    read = store.read_tokens(tmp_path / "t.arrow", other)
+    assert torch.equal(torch.cat([batch[mask.bool()] for batch, mask in zip(read, other, strict=True)]), rows)
 
 
 def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):

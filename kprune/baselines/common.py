@@ -7,6 +7,7 @@ unit, any other value scales its output; ``apply_masks`` turns such masks into a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +32,33 @@ def unit_costs(model: nn.Module, seq_len: float) -> tuple[float, float]:
     """FLOPs of one head and of one FFN neuron (kprune.flops), for sequences of ``seq_len`` tokens."""
     hidden = model.config.hidden_size
     return head_flops(hidden, head_dim_of(model), seq_len), neuron_flops(hidden, seq_len)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters (frozen) and buffers share the model's memory, so computing on
+    it copies no weight. Pruning a sublayer of the copy (``apply_masks``) gives it new, smaller weights and
+    leaves the model's as they are; ``own_memory`` then copies whatever the two still share."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+    memo.update({id(buffer): buffer for buffer in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def own_memory(copied: nn.Module, model: nn.Module) -> None:
+    """Give ``copied`` its own copy of every parameter and buffer whose memory is still ``model``'s (a
+    tensor held by several modules stays one tensor)."""
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, kept alive; its copy)
+    for module in copied.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or tensor.untyped_storage().data_ptr() not in shared:
+                    continue
+                if id(tensor) not in copies:
+                    clone = tensor.detach().clone()
+                    if isinstance(tensor, nn.Parameter):
+                        clone = nn.Parameter(clone, requires_grad=tensor.requires_grad)
+                    copies[id(tensor)] = (tensor, clone)
+                tensors[name] = copies[id(tensor)][1]
 
 
 def sublayer_cost(sub: Sublayer, costs: tuple[float, float]) -> float:

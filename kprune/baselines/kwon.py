@@ -37,7 +37,6 @@ What follows the reference code (WoosukKwon/retraining-free-pruning) and what do
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -55,6 +54,8 @@ from kprune.baselines.common import (
     masked_logits,
     masked_sublayer,
     model_batches,
+    own_memory,
+    shared_copy,
     step_records,
     subsample,
     unit_costs,
@@ -71,6 +72,7 @@ METHOD = "kwon2022-mask-tuning"
 NUM_SAMPLES = 2048  # sequences used by Kwon et al.
 MAX_SCALE = 10.0  # the reference stops rescaling when a scale leaves [-10, 10]
 EXACT_RELATIVE_ERROR = 1e-10  # a sublayer already reproducing its target is left at scale 1
+MICRO_BATCH_TOKENS = 512  # padded tokens per Fisher backward pass: bounds its autograd graph
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -147,29 +149,47 @@ def task_loss(task: str, logits: Tensor, labels: Tensor, attention_mask: Tensor)
 # ---------------------------------------------------------------------------------------------- Fisher
 
 
+def micro_batches(rows: int, length: int, max_tokens: int) -> list[slice]:
+    """Consecutive row slices of a (rows, length) batch with at most ``max_tokens`` padded tokens each (at
+    least one row)."""
+    step = max(1, max_tokens // max(length, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def mask_gradients(
-    model: nn.Module, batches: Sequence[Mapping[str, Tensor]], label_batches: Sequence[Tensor]
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Tensor]],
+    label_batches: Sequence[Tensor],
+    max_tokens: int = MICRO_BATCH_TOKENS,
 ) -> list[Tensor]:
     """Per-example gradients of the task loss w.r.t. every unit's mask at 1: one (N, units) float32 CPU
-    tensor per sublayer. One backward pass per batch (each example has its own mask variables)."""
+    tensor per sublayer, rows in batch order. One backward pass per micro-batch of at most ``max_tokens``
+    padded tokens (each example has its own mask variables, so the split changes nothing but round-off),
+    which bounds the autograd graph: it holds about 20 activations of the hidden or FFN width per token
+    and layer, some 0.5 MB per token on a BERT-base, so a whole batch's graph would dominate the memory."""
     task = task_of(model)
     subs = sublayers(model)
-    collected: list[list[Tensor]] = [[] for _ in subs]
+    dtype = next(model.parameters()).dtype
+    total = sum(int(batch["attention_mask"].shape[0]) for batch in batches)
+    gradients = [torch.zeros(total, sub.num_units, dtype=torch.float32) for sub in subs]
+    start = 0
     with torch.enable_grad():
         for batch, labels in zip(batches, label_batches, strict=True):
-            rows = batch["input_ids"].shape[0]
-            dtype = next(model.parameters()).dtype
-            masks = [
-                torch.ones(rows, sub.num_units, dtype=dtype, device=labels.device, requires_grad=True)
-                for sub in subs
-            ]
-            logits = masked_logits(model, batch, masks)
-            loss = task_loss(task, logits, labels, batch["attention_mask"]).sum()
-            grads = torch.autograd.grad(loss, masks, allow_unused=True)
-            for store, grad, mask in zip(collected, grads, masks, strict=True):
-                grad = torch.zeros_like(mask) if grad is None else grad
-                store.append(grad.detach().float().cpu())
-    return [torch.cat(store) for store in collected]
+            for rows in micro_batches(*batch["attention_mask"].shape, max_tokens):
+                micro = {name: value[rows] for name, value in batch.items()}
+                count = rows.stop - rows.start
+                masks = [
+                    torch.ones(count, sub.num_units, dtype=dtype, device=labels.device, requires_grad=True)
+                    for sub in subs
+                ]
+                logits = masked_logits(model, micro, masks)
+                loss = task_loss(task, logits, labels[rows], micro["attention_mask"]).sum()
+                grads = torch.autograd.grad(loss, masks, allow_unused=True)
+                for store, grad in zip(gradients, grads, strict=True):
+                    if grad is not None:  # None: no unit of the sublayer affects the loss (stays 0)
+                        store[start + rows.start : start + rows.stop] = grad.detach()
+            start += batch["attention_mask"].shape[0]
+    return gradients
 
 
 def fisher_diagonal(gradients: Tensor) -> Tensor:
@@ -394,32 +414,42 @@ def rescale_masks(
     The reconstruction target is ``model`` with only ``target_keeps`` units (0/1 masks); the student is
     ``model`` with ``keeps``, rescaled sublayer by sublayer, bottom-up, each fit on the inputs produced by
     the already rescaled sublayers below it.
+
+    Only the student's and the target's hidden states of every batch are held; per sublayer one pass
+    over the batches computes the target's pre-LayerNorm outputs, adds them to the normal equations and
+    advances the target's hidden states in place, and a second one advances the student's once the
+    scales are known.
     """
     subs = sublayers(model)
     task = task_of(model)
     masks = [keep.to(torch.float64).clone() for keep in keeps]
     reports: list[RescaleReport] = []
+    attention_masks = [batch["attention_mask"] for batch in batches]
     student = [encoder_input(model, dict(batch)) for batch in batches]
-    teacher = list(student)
+    target = list(student)  # the same tensors until the first sublayer
     stopped = False
     for sub, keep, target_keep in zip(subs, keeps, target_keeps, strict=True):
         device = sub.output.weight.device
-        attention_masks = [batch["attention_mask"] for batch in batches]
         target_mask = target_keep.to(device=device, dtype=student[0].dtype)
-        residuals = [
-            masked_sublayer(sub, x, am, target_mask)[0]
-            for x, am in zip(teacher, attention_masks, strict=True)
-        ]
         kept = keep.nonzero().flatten()
         if stopped:
-            reports.append(RescaleReport("stopped"))
+            status = "stopped"
         elif kept.numel() == 0:
-            reports.append(RescaleReport("no-units"))
+            status = "no-units"
         elif sub.kind == ATTENTION and sub.layer == 0:
-            reports.append(RescaleReport("first-attention"))
+            status = "first-attention"
         else:
-            cls_only = task != QUESTION_ANSWERING and sub.index == len(subs) - 1
-            stats = _scale_stats(sub, kept, student, residuals, attention_masks, cls_only)
+            status = None
+        cls_only = task != QUESTION_ANSWERING and sub.index == len(subs) - 1
+        stats = _new_scale_stats(sub, kept) if status is None else None
+        for number, (hidden, attention_mask) in enumerate(zip(target, attention_masks, strict=True)):
+            residual = masked_sublayer(sub, hidden, attention_mask, target_mask)[0]
+            if stats is not None:
+                _add_scale_rows(stats, sub, kept, student[number], residual, attention_mask, cls_only)
+            target[number] = sub.layer_norm(residual)
+        if stats is None:
+            reports.append(RescaleReport(status))
+        else:
             offset = sub.kind == ATTENTION
             ones = torch.ones(kept.numel(), dtype=torch.float64)
             before = stats.error(ones, offset)
@@ -447,31 +477,39 @@ def rescale_masks(
                         RescaleReport("out-of-bounds", before, before, stats.target_sq, solver, stats.rows)
                     )
                     stopped = True
+            del stats  # before the next sublayer's are allocated
         mask = masks[sub.index].to(device=device, dtype=student[0].dtype)
-        student = [
-            masked_sublayer(sub, x, am, mask)[1] for x, am in zip(student, attention_masks, strict=True)
-        ]
-        teacher = [sub.layer_norm(residual) for residual in residuals]
+        for number, attention_mask in enumerate(attention_masks):
+            student[number] = masked_sublayer(sub, student[number], attention_mask, mask)[1]
     return masks, reports
 
 
-def _scale_stats(
-    sub: Sublayer, kept: Tensor, inputs, residuals, attention_masks, cls_only: bool
-) -> ScaleStats:
-    """Normal equations of one sublayer's scales over the sample's real tokens ([CLS] only if cls_only)."""
+def _new_scale_stats(sub: Sublayer, kept: Tensor) -> ScaleStats:
+    """Empty normal equations of the scales of one sublayer's ``kept`` units."""
     columns = torch.zeros(sub.num_units, dtype=torch.bool, device=kept.device)
     columns[kept] = True
     columns = columns.repeat_interleave(sub.width).to(sub.output.weight.device)
+    return ScaleStats(sub.output.weight[:, columns], sub.width)
+
+
+def _add_scale_rows(
+    stats: ScaleStats,
+    sub: Sublayer,
+    kept: Tensor,
+    hidden: Tensor,
+    residual: Tensor,
+    attention_mask: Tensor,
+    cls_only: bool,
+) -> None:
+    """One batch's rows of the normal equations: its real tokens ([CLS] only if cls_only), the student's
+    features of the kept units against the target's residual minus the student's input and the bias."""
     bias = sub.output.bias if sub.output.bias is not None else 0.0
-    stats = ScaleStats(sub.output.weight[:, columns], sub.width)
-    for hidden, residual, attention_mask in zip(inputs, residuals, attention_masks, strict=True):
-        rows = attention_mask.bool()
-        if cls_only:
-            rows = torch.zeros_like(rows)
-            rows[:, 0] = True
-        features = sub.features(hidden, attention_mask)[:, :, kept.to(hidden.device)]
-        stats.add(features[rows], (residual - hidden - bias)[rows])
-    return stats
+    rows = attention_mask.bool()
+    if cls_only:
+        rows = torch.zeros_like(rows)
+        rows[:, 0] = True
+    features = sub.features(hidden, attention_mask)[:, :, kept.to(hidden.device)]
+    stats.add(features[rows], (residual - hidden - bias)[rows])
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -488,7 +526,10 @@ class KwonConfig:
         code, 1.0 = the unpruned model.
     rearrange, rescale: switch the two refinement steps (for ablations).
     ridge: relative ridge of the rescaling least squares, towards scale 1; max_scale: bound on the scales.
-    batch_size: sequences per forward/backward pass; seed: of the subset of the sample.
+    batch_size: sequences per batch; seed: of the subset of the sample.
+    micro_batch_tokens: padded tokens per backward pass of the Fisher gradients (a batch is split into
+        row slices of at most this many tokens, at least one row); bounds the memory of the autograd graph
+        and changes nothing else.
     """
 
     flops_keep: float
@@ -501,6 +542,7 @@ class KwonConfig:
     max_scale: float = MAX_SCALE
     batch_size: int = 32
     seed: int = 0
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         check_flops_keep(self.flops_keep)
@@ -514,8 +556,10 @@ class KwonConfig:
             raise ValueError(f"seq_len must be a finite number > 0, got {self.seq_len!r}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 or None, got {self.num_samples}")
-        if not (self.ridge >= 0 and self.max_scale > 0 and self.batch_size >= 1):
-            raise ValueError("need ridge >= 0, max_scale > 0 and batch_size >= 1")
+        if not (
+            self.ridge >= 0 and self.max_scale > 0 and self.batch_size >= 1 and self.micro_batch_tokens >= 1
+        ):
+            raise ValueError("need ridge >= 0, max_scale > 0, batch_size >= 1 and micro_batch_tokens >= 1")
 
     @property
     def target_keep(self) -> float:
@@ -562,8 +606,7 @@ def kwon_masks(
 ) -> KwonMasks:
     """Kwon et al.'s masks for ``model`` (not modified); arguments as :func:`kwon_prune`."""
     config = _config(flops_keep, config, options)
-    work = copy.deepcopy(model).to(resolve_device(device)).eval().requires_grad_(False)
-    return _kwon_masks(work, sample, labels, config)[0]
+    return _kwon_masks(_work_model(model, device), sample, labels, config)[0]
 
 
 def kwon_prune(
@@ -589,13 +632,14 @@ def kwon_prune(
     """
     config = _config(flops_keep, config, options)
     started = time.perf_counter()
-    pruned = copy.deepcopy(model).to(resolve_device(device)).eval().requires_grad_(False)
+    pruned = _work_model(model, device)
     result, batches = _kwon_masks(pruned, sample, labels, config)
     costs = unit_costs(pruned, result.seq_len)
     lost = [float(f[~k].sum()) for f, k in zip(result.fisher, result.keep, strict=True)]
     errors = [(r.error_before, r.error_after, r.target_sq) for r in result.reports]
     steps = step_records(pruned, result.keep, costs, result.budget, lost=lost, errors=errors)
-    apply_masks(pruned, result.masks)
+    apply_masks(pruned, result.masks)  # new weights for every sublayer
+    own_memory(pruned, model)  # embeddings, LayerNorms, head: still the model's
     record_config = {
         **config.to_dict(),
         "seq_len": result.seq_len,
@@ -622,6 +666,12 @@ def kwon_prune(
     return PruneResult(pruned, record)
 
 
+def _work_model(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """The model on the device, frozen, in eval mode; on the model's own device its weights are shared,
+    not copied (nothing here writes to them, and pruning replaces them)."""
+    return shared_copy(model).to(resolve_device(device)).eval().requires_grad_(False)
+
+
 def _kwon_masks(
     work: nn.Module, sample: Mapping[str, Tensor], labels: Tensor | None, config: KwonConfig
 ) -> tuple[KwonMasks, list[dict[str, Tensor]]]:
@@ -634,7 +684,8 @@ def _kwon_masks(
     batches, label_batches = model_batches(work, sample, config.batch_size, device, labels)
 
     subs = sublayers(work)
-    gradients = mask_gradients(work, batches, label_batches)
+    gradients = mask_gradients(work, batches, label_batches, config.micro_batch_tokens)
+    del label_batches
     fisher = [fisher_diagonal(g) for g in gradients]
     head_cost, neuron_cost = unit_costs(work, seq_len)
     flops_original = encoder_flops_of(work, seq_len)
@@ -659,6 +710,7 @@ def _kwon_masks(
         keep = [rearrange_mask(k, fisher_block(g)) for k, g in zip(searched, gradients, strict=True)]
     else:
         keep = [k.clone() for k in searched]
+    del gradients  # (sequences, units) per sublayer; the rescaling does not need them
     if config.rescale:
         masks, reports = rescale_masks(work, keep, target_keep, batches, config.ridge, config.max_scale)
     else:

@@ -2,7 +2,7 @@
 
 Writes data/calibration: the teacher's soft labels, its encoder input (the student's input to sublayer
 0) and, per sublayer, its pre-LayerNorm residual sum (the target of weight tuning), as Arrow files that
-the prune stage reads memory-mapped. params: the `calibrate` section.
+the prune stage reads back one batch at a time. params: the `calibrate` section.
 """
 
 from __future__ import annotations

@@ -1,0 +1,34 @@
+"""Offloaded hidden states: a list kept in a temporary file, read and written one batch at a time."""
+
+import sys
+
+import pytest
+import torch
+
+from kprune.memory import OffloadedStates, hidden_states, limit_heap_fragmentation, offload_default
+
+
+def test_offloaded_states_read_back_what_was_written_and_take_updates():
+    batches = [torch.randn(2, 3, 4), torch.randn(5, 1, 4), torch.randn(1, 7, 4)]
+    states = OffloadedStates(iter(batches))
+    assert len(states) == 3
+    assert all(torch.equal(a, b) for a, b in zip(states, batches, strict=True))
+    replacement = torch.randn(5, 1, 4)
+    states[1] = replacement
+    assert torch.equal(states[1], replacement) and torch.equal(states[2], batches[2])
+    assert states[0] is not states[0]  # every read is a fresh tensor: nothing is kept in memory
+    with pytest.raises(ValueError, match="batch 0 is"):
+        states[0] = torch.randn(2, 3, 5)
+    states.close()
+
+
+def test_hidden_states_are_a_list_unless_offloaded():
+    batches = [torch.randn(2, 3)]
+    assert isinstance(hidden_states(iter(batches), offload=False), list)
+    assert isinstance(hidden_states(iter(batches), offload=True), OffloadedStates)
+    assert offload_default(torch.device("cpu")) and not offload_default(torch.device("meta"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_heap_setting_applies_on_linux():
+    assert limit_heap_fragmentation()
