@@ -53,10 +53,10 @@ lint: setup
 run: setup
 	$(RUN_CMD)
 
-# The benchmarks of issue 5 (bench/, results in bench/results): hours on 2 cores. The teacher and its
+# The benchmarks (bench/, results in bench/results): hours on 2 cores. The teacher, its calibration and its
 # prepared data come from the pipeline (cached by DVC); the venv goes first on PATH for dvc's stages.
 bench: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m dvc repro teacher
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m dvc repro calibrate
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.cost
 	$(PY) -m bench.speed

@@ -63,6 +63,7 @@ METHODS: dict[str, Method] = {
     "kprune-no-tuning": Method("K-prune w/o weight tuning", _kprune(tune_weights=False)),
     "kprune-pred-only": Method("K-prune predictive only", _kprune(lam_rep=0.0)),
     "kprune-rep-only": Method("K-prune representational only", _kprune(lam_pred=0.0)),
+    "kprune-fast": Method("K-prune, knowledge on 25k tokens", _kprune(knowledge_tokens=25_000)),
     "kprune-batch-gradient": Method(
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
     ),

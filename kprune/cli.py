@@ -289,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.seed,
         help=f"seed of the sample rows and random projections (default {DEFAULTS.seed})",
     )
+    prune_parser.add_argument(
+        "--micro-batch-tokens",
+        type=POSITIVE_INT,
+        metavar="N",
+        default=DEFAULTS.micro_batch_tokens,
+        help="padded tokens per backward pass of the knowledge measurement; bounds its memory and does "
+        f"not change the per-example Fisher (default {DEFAULTS.micro_batch_tokens}; raise it on a GPU)",
+    )
+    prune_parser.add_argument(
+        "--knowledge-tokens",
+        type=POSITIVE_INT,
+        metavar="N",
+        default=None,
+        help="opt-in approximation for speed: measure knowledge on seeded whole batches holding about N "
+        "tokens of the sample (the least squares still use all of it); default: the whole sample",
+    )
     _add_common(prune_parser)
     prune_parser.set_defaults(run=run_prune)
 
@@ -447,6 +463,8 @@ def run_prune(args: argparse.Namespace) -> None:
         tune_weights=not args.no_tune,
         batch_size=args.batch_size,
         seed=args.seed,
+        micro_batch_tokens=args.micro_batch_tokens,
+        knowledge_tokens=args.knowledge_tokens,
     )
     save_pruned(result.model, out, record=result.record, tokenizer=tokenizer)
     print(summary(result.record))

@@ -83,16 +83,18 @@ def test_accuracy_speed_cost_write_their_results(workspace):
         assert {"median_seconds", "sequences_per_second", "speedup", "fraction_of_ideal"} <= set(row)
     assert saved["targets"]["min_fraction_of_ideal_at_batch_32"] is not None
 
-    cost.main(
-        args
-        + "--tokens 60,120 --methods kprune --bert-base-tokens 60 --inline --bert-shape 1,16,4,24".split()
-    )
+    plan = "--bert-base-plan kprune:60,kprune:120 --budgets 0.3 --no-pipeline"
+    cost.main(args + f"--tokens 60,120 --methods kprune,kwon --inline --bert-shape 1,16,4,24 {plan}".split())
     saved = written(workspace, "cost")
-    assert len(saved["runs"]) == 2 + 1
+    assert len(saved["runs"]) == 2 * 2 + 1 + 2
     for run in saved["runs"]:
         assert {"seconds", "peak_rss_mb", "rss_loaded_mb", "sample_tokens", "flops_kept"} <= set(run)
-    assert set(saved["scaling"]) == {"kprune"}
-    assert "kprune_bert_base_60_peak_rss_mb" in saved["targets"]
+    assert [run["flops_keep"] for run in saved["runs"] if run["model"] == "teacher"] == [0.5] * 4 + [0.3]
+    assert set(saved["scaling"]) == {"kprune", "kwon"}
+    targets = saved["targets"]
+    assert set(targets["teacher_every_budget"]["budgets"]) == {"0.5", "0.3"}
+    assert {"versus_kwon_teacher_120", "kprune_linear_in_tokens"} <= set(targets)
+    assert all(isinstance(target["met"], bool) for target in targets.values())
 
 
 def test_cost_child_mode_writes_one_measurement(workspace, tmp_path):

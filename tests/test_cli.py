@@ -110,6 +110,14 @@ def test_eval_prints_accuracy_as_json(model_dir, data_csv, tmp_path, capsys):
     assert metrics["flops_kept"] == read_meta(out)["record"]["flops_kept"] <= 0.6
 
 
+def test_the_knowledge_options_reach_the_record(model_dir, data_csv, tmp_path):
+    out = tmp_path / "pruned"
+    options = ["--flops-keep", "0.5", "--knowledge-tokens", "60", "--micro-batch-tokens", "16", "--quiet"]
+    assert main(prune_args(model_dir, data_csv, out, *options)) == 0
+    config = read_meta(out)["record"]["config"]
+    assert config["knowledge_tokens"] == 60 and config["micro_batch_tokens"] == 16
+
+
 def test_eval_of_a_regressor(tmp_path, capsys):
     model_dir = save_tiny(tmp_path / "regressor", task="regression")
     texts = sentences(30, seed=2)

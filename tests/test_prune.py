@@ -8,7 +8,7 @@ from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
 from kprune.arch import encoder_input
-from kprune.iterate import StepStore, TeacherStream, iterate
+from kprune.iterate import StepStore, TeacherStream, iterate, knowledge_batches
 from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
@@ -187,3 +187,17 @@ def test_bad_input_gets_one_clear_error():
         kprune.prune(model, sample, 0.5, config=kprune.KPruneConfig(flops_keep=0.5))
     with pytest.raises(kprune.UnsupportedModelError, match="no task head"):
         run(model.bert, sample, 0.5)
+
+
+def test_knowledge_batches_are_seeded_whole_batches_of_enough_tokens():
+    sample = tiny_sample(num=40)
+    batches = make_batches(sample, 4)
+    tokens = [int(batch["attention_mask"].sum()) for batch in batches]
+    assert knowledge_batches(batches, None, 0) == list(range(len(batches)))
+    chosen = knowledge_batches(batches, sum(tokens) // 3, seed=1)
+    assert chosen == sorted(chosen) and chosen == knowledge_batches(batches, sum(tokens) // 3, seed=1)
+    held = sum(tokens[index] for index in chosen)
+    assert sum(tokens) // 3 <= held < sum(tokens) // 3 + max(tokens)  # stops once there are enough
+    assert len(chosen) < len(batches)
+    result = run(tiny_model("bert"), sample, 0.5, knowledge_tokens=sum(tokens) // 3)
+    assert result.record.config["knowledge_tokens"] == sum(tokens) // 3
