@@ -406,12 +406,22 @@ def test_streamed_rescaling_equals_the_whole_sample_least_squares(family, task):
     generator = torch.Generator().manual_seed(3)
     keeps = [torch.rand(sub.num_units, generator=generator) < 0.6 for sub in sublayers(model)]
     targets = [keep | (torch.rand(keep.shape, generator=generator) < 0.5) for keep in keeps]
-    scaled, reports = rescale_masks(model, keeps, targets, batches, ridge=1e-3, max_scale=1e9)
-    assert [report.status for report in reports].count("rescaled") == len(reports) - 1
     expected = brute_force_rescale(model, keeps, targets, sample, ridge=1e-3)
-    for ours, theirs in zip(scaled, expected, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
-    assert any(not torch.equal(mask, keep.double()) for mask, keep in zip(scaled, keeps, strict=True))
+    assert any(not torch.equal(mask, keep.double()) for mask, keep in zip(expected, keeps, strict=True))
+    # Whole batches in RAM, and micro-batches of at most 20 padded tokens in RAM and offloaded to files.
+    runs = [(10**6, False), (20, False), (20, True)]
+    results = [
+        rescale_masks(model, keeps, targets, batches, 1e-3, 1e9, max_tokens=tokens, offload=offload)
+        for tokens, offload in runs
+    ]
+    for scaled, reports in results:
+        assert [report.status for report in reports].count("rescaled") == len(reports) - 1
+        for ours, theirs in zip(scaled, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # The files hold the hidden states exactly.
+    assert all(torch.equal(a, b) for a, b in zip(results[1][0], results[2][0], strict=True))
+    in_ram, offloaded = ([(r.status, r.rows, r.error_after) for r in result[1][1:]] for result in results[1:])
+    assert in_ram == offloaded
 
 
 def test_rescaling_lowers_every_reconstruction_error():
@@ -595,6 +605,21 @@ def test_fisher_micro_batches_bound_each_backward_and_change_no_gradient(task, m
         assert all(rows * length <= max_tokens or rows == 1 for rows, length in shapes)
         for ours, expected in zip(split, whole, strict=True):
             torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    offloaded = mask_gradients(model, batches, label_batches, max_tokens=25, offload=True)
+    assert len(offloaded) == len(split)
+    assert all(torch.equal(offloaded[index], split[index]) for index in range(len(split)))
+    offloaded.close()
+
+
+def test_offloading_changes_no_result():
+    model, sample, labels = setup("bert", num=40)
+    in_ram = kwon_masks(model, sample, 0.45, labels=labels, device="cpu", offload=False)
+    offloaded = kwon_masks(model, sample, 0.45, labels=labels, device="cpu", offload=True)
+    for name in ("masks", "keep", "searched", "target_keep", "fisher"):
+        assert all(
+            torch.equal(a, b) for a, b in zip(getattr(in_ram, name), getattr(offloaded, name), strict=True)
+        )
+    assert any(report.status == "rescaled" for report in offloaded.reports)
 
 
 def task_of_name(task):

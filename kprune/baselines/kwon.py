@@ -33,6 +33,11 @@ What follows the reference code (WoosukKwon/retraining-free-pruning) and what do
 - The search also considers zero heads and never lets the neuron count go negative (the reference loop
   starts at one head and would slice with a negative neuron count under tiny budgets).
 - QA loss ignores padding positions (masked out of the start/end softmax), so it does not depend on batching.
+
+Memory: the method computes on the model's own weights (a frozen twin that shares them; the pruned result
+gets its own copy), the Fisher's backward passes and the rescaling's passes go through micro-batches of at
+most ``micro_batch_tokens`` padded tokens, and the whole-sample data (per-example gradients, the student's
+and the target's hidden states) are kept in temporary files on the CPU (``offload``, as kprune.prune).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -60,6 +65,7 @@ from kprune.baselines.common import (
     subsample,
     unit_costs,
 )
+from kprune.memory import OffloadedStates, hidden_states, offload_default
 from kprune.models import resolve_device
 from kprune.record import PruneResult, build_record
 from kprune.sample import resolve_seq_len
@@ -72,7 +78,8 @@ METHOD = "kwon2022-mask-tuning"
 NUM_SAMPLES = 2048  # sequences used by Kwon et al.
 MAX_SCALE = 10.0  # the reference stops rescaling when a scale leaves [-10, 10]
 EXACT_RELATIVE_ERROR = 1e-10  # a sublayer already reproducing its target is left at scale 1
-MICRO_BATCH_TOKENS = 512  # padded tokens per Fisher backward pass: bounds its autograd graph
+MICRO_BATCH_TOKENS = 256  # padded tokens per pass of the Fisher and of the rescaling: bounds their memory
+HiddenStates = list[Tensor] | OffloadedStates  # one (B, S, d) tensor per micro-batch
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -161,23 +168,49 @@ def mask_gradients(
     batches: Sequence[Mapping[str, Tensor]],
     label_batches: Sequence[Tensor],
     max_tokens: int = MICRO_BATCH_TOKENS,
-) -> list[Tensor]:
-    """Per-example gradients of the task loss w.r.t. every unit's mask at 1: one (N, units) float32 CPU
-    tensor per sublayer, rows in batch order. One backward pass per micro-batch of at most ``max_tokens``
-    padded tokens (each example has its own mask variables, so the split changes nothing but round-off),
-    which bounds the autograd graph: it holds about 20 activations of the hidden or FFN width per token
-    and layer, some 0.5 MB per token on a BERT-base, so a whole batch's graph would dominate the memory."""
-    task = task_of(model)
+    offload: bool = False,
+) -> Sequence[Tensor]:
+    """Per-example gradients of the task loss w.r.t. every unit's mask at 1: per sublayer, one (N, units)
+    float32 CPU tensor, rows in batch order.
+
+    One backward pass per micro-batch of at most ``max_tokens`` padded tokens (each example has its own
+    mask variables, so the split changes nothing but round-off), which bounds the autograd graph: it
+    holds about 20 activations of the hidden or FFN width per token and layer, some 0.5 MB per token on
+    a BERT-base, so a whole batch's graph would dominate the memory. With ``offload`` the gradients go to
+    a temporary file (kprune.memory) as they come, and indexing the result by sublayer reads that
+    sublayer's back (call its ``close`` when done); otherwise they are filled into tensors in RAM.
+    """
+    pieces = _gradient_pieces(model, batches, label_batches, max_tokens)
     subs = sublayers(model)
-    dtype = next(model.parameters()).dtype
+    if offload:
+        return OffloadedGradients(OffloadedStates(g for grads in pieces for g in grads), len(subs))
     total = sum(int(batch["attention_mask"].shape[0]) for batch in batches)
     gradients = [torch.zeros(total, sub.num_units, dtype=torch.float32) for sub in subs]
     start = 0
-    with torch.enable_grad():
-        for batch, labels in zip(batches, label_batches, strict=True):
-            for rows in micro_batches(*batch["attention_mask"].shape, max_tokens):
-                micro = {name: value[rows] for name, value in batch.items()}
-                count = rows.stop - rows.start
+    for grads in pieces:
+        count = grads[0].shape[0]
+        for store, grad in zip(gradients, grads, strict=True):
+            store[start : start + count] = grad
+        start += count
+    return gradients
+
+
+def _gradient_pieces(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Tensor]],
+    label_batches: Sequence[Tensor],
+    max_tokens: int,
+) -> Iterator[list[Tensor]]:
+    """Per micro-batch, in batch order: every sublayer's per-example mask gradients (rows, units), float32
+    on the CPU (zeros where no unit of a sublayer affects the loss)."""
+    task = task_of(model)
+    subs = sublayers(model)
+    dtype = next(model.parameters()).dtype
+    for batch, labels in zip(batches, label_batches, strict=True):
+        for rows in micro_batches(*batch["attention_mask"].shape, max_tokens):
+            micro = {name: value[rows] for name, value in batch.items()}
+            count = rows.stop - rows.start
+            with torch.enable_grad():  # not across the yield: the caller keeps its own grad mode
                 masks = [
                     torch.ones(count, sub.num_units, dtype=dtype, device=labels.device, requires_grad=True)
                     for sub in subs
@@ -185,11 +218,34 @@ def mask_gradients(
                 logits = masked_logits(model, micro, masks)
                 loss = task_loss(task, logits, labels[rows], micro["attention_mask"]).sum()
                 grads = torch.autograd.grad(loss, masks, allow_unused=True)
-                for store, grad in zip(gradients, grads, strict=True):
-                    if grad is not None:  # None: no unit of the sublayer affects the loss (stays 0)
-                        store[start + rows.start : start + rows.stop] = grad.detach()
-            start += batch["attention_mask"].shape[0]
-    return gradients
+            del logits, loss, masks
+            yield [
+                torch.zeros(count, sub.num_units, dtype=torch.float32)
+                if grad is None
+                else grad.detach().float().cpu()
+                for sub, grad in zip(subs, grads, strict=True)
+            ]
+
+
+class OffloadedGradients(Sequence):
+    """Per-example mask gradients in a temporary file, one slot per (micro-batch, sublayer); indexing by
+    sublayer reads its (N, units) tensor back."""
+
+    def __init__(self, states: OffloadedStates, num_sublayers: int) -> None:
+        self.states = states
+        self.num_sublayers = num_sublayers
+
+    def __len__(self) -> int:
+        return self.num_sublayers
+
+    def __getitem__(self, index: int) -> Tensor:
+        if not 0 <= index < self.num_sublayers:
+            raise IndexError(index)
+        slots = range(index, len(self.states), self.num_sublayers)
+        return torch.cat([self.states[slot] for slot in slots])
+
+    def close(self) -> None:
+        self.states.close()
 
 
 def fisher_diagonal(gradients: Tensor) -> Tensor:
@@ -408,6 +464,8 @@ def rescale_masks(
     batches: Sequence[Mapping[str, Tensor]],
     ridge: float = 1e-6,
     max_scale: float = MAX_SCALE,
+    max_tokens: int = MICRO_BATCH_TOKENS,
+    offload: bool = False,
 ) -> tuple[list[Tensor], list[RescaleReport]]:
     """Scaled masks per sublayer (0 for pruned units, the least-squares scale for kept ones) and reports.
 
@@ -415,22 +473,50 @@ def rescale_masks(
     ``model`` with ``keeps``, rescaled sublayer by sublayer, bottom-up, each fit on the inputs produced by
     the already rescaled sublayers below it.
 
-    Only the student's and the target's hidden states of every batch are held; per sublayer one pass
-    over the batches computes the target's pre-LayerNorm outputs, adds them to the normal equations and
-    advances the target's hidden states in place, and a second one advances the student's once the
-    scales are known.
+    Memory: the only whole-sample data are the student's and the target's hidden states, in RAM or with
+    ``offload`` in temporary files (kprune.memory, as K-prune's). Per sublayer, one pass over the
+    batches computes the target's pre-LayerNorm outputs, adds them to the normal equations and advances
+    the target's hidden states; a second pass advances the student's once the scales are known. Both go
+    through micro-batches of at most ``max_tokens`` padded tokens, so every temporary has about the same,
+    bounded size (the temporaries of whole length-sorted batches grow batch after batch, which fragments
+    glibc's heap).
     """
+    pieces = [
+        {name: value[rows] for name, value in batch.items()}
+        for batch in batches
+        for rows in micro_batches(*batch["attention_mask"].shape, max_tokens)
+    ]
+    attention_masks = [piece["attention_mask"] for piece in pieces]
+    student = hidden_states((encoder_input(model, dict(piece)) for piece in pieces), offload)
+    target = hidden_states(iter(student), offload)  # in RAM: the same tensors until the first sublayer
+    try:
+        return _rescale(model, keeps, target_keeps, student, target, attention_masks, ridge, max_scale)
+    finally:
+        for states in (student, target):
+            if isinstance(states, OffloadedStates):
+                states.close()
+
+
+def _rescale(
+    model: nn.Module,
+    keeps: Sequence[Tensor],
+    target_keeps: Sequence[Tensor],
+    student: HiddenStates,
+    target: HiddenStates,
+    attention_masks: Sequence[Tensor],
+    ridge: float,
+    max_scale: float,
+) -> tuple[list[Tensor], list[RescaleReport]]:
+    """rescale_masks on the micro-batches' hidden states; each slot is overwritten as its states advance."""
     subs = sublayers(model)
     task = task_of(model)
     masks = [keep.to(torch.float64).clone() for keep in keeps]
     reports: list[RescaleReport] = []
-    attention_masks = [batch["attention_mask"] for batch in batches]
-    student = [encoder_input(model, dict(batch)) for batch in batches]
-    target = list(student)  # the same tensors until the first sublayer
+    dtype = student[0].dtype
     stopped = False
     for sub, keep, target_keep in zip(subs, keeps, target_keeps, strict=True):
         device = sub.output.weight.device
-        target_mask = target_keep.to(device=device, dtype=student[0].dtype)
+        target_mask = target_keep.to(device=device, dtype=dtype)
         kept = keep.nonzero().flatten()
         if stopped:
             status = "stopped"
@@ -442,8 +528,8 @@ def rescale_masks(
             status = None
         cls_only = task != QUESTION_ANSWERING and sub.index == len(subs) - 1
         stats = _new_scale_stats(sub, kept) if status is None else None
-        for number, (hidden, attention_mask) in enumerate(zip(target, attention_masks, strict=True)):
-            residual = masked_sublayer(sub, hidden, attention_mask, target_mask)[0]
+        for number, attention_mask in enumerate(attention_masks):
+            residual = masked_sublayer(sub, target[number], attention_mask, target_mask)[0]
             if stats is not None:
                 _add_scale_rows(stats, sub, kept, student[number], residual, attention_mask, cls_only)
             target[number] = sub.layer_norm(residual)
@@ -478,7 +564,7 @@ def rescale_masks(
                     )
                     stopped = True
             del stats  # before the next sublayer's are allocated
-        mask = masks[sub.index].to(device=device, dtype=student[0].dtype)
+        mask = masks[sub.index].to(device=device, dtype=dtype)
         for number, attention_mask in enumerate(attention_masks):
             student[number] = masked_sublayer(sub, student[number], attention_mask, mask)[1]
     return masks, reports
@@ -527,9 +613,9 @@ class KwonConfig:
     rearrange, rescale: switch the two refinement steps (for ablations).
     ridge: relative ridge of the rescaling least squares, towards scale 1; max_scale: bound on the scales.
     batch_size: sequences per batch; seed: of the subset of the sample.
-    micro_batch_tokens: padded tokens per backward pass of the Fisher gradients (a batch is split into
-        row slices of at most this many tokens, at least one row); bounds the memory of the autograd graph
-        and changes nothing else.
+    micro_batch_tokens: padded tokens per pass of the Fisher gradients and of the rescaling (a batch is
+        split into row slices of at most this many tokens, at least one row); bounds the memory of the
+        autograd graph and of the temporaries, and changes nothing but round-off.
     """
 
     flops_keep: float
@@ -602,11 +688,12 @@ def kwon_masks(
     labels: Tensor | None = None,
     config: KwonConfig | None = None,
     device: str | torch.device = "auto",
+    offload: bool | None = None,
     **options,
 ) -> KwonMasks:
     """Kwon et al.'s masks for ``model`` (not modified); arguments as :func:`kwon_prune`."""
     config = _config(flops_keep, config, options)
-    return _kwon_masks(_work_model(model, device), sample, labels, config)[0]
+    return _kwon_masks(_work_model(model, device), sample, labels, config, offload)[0]
 
 
 def kwon_prune(
@@ -617,6 +704,7 @@ def kwon_prune(
     labels: Tensor | None = None,
     config: KwonConfig | None = None,
     device: str | torch.device = "auto",
+    offload: bool | None = None,
     **options,
 ) -> PruneResult:
     """Prune to ``flops_keep`` of the encoder's FLOPs with Kwon et al. 2022 (Mask-Tuning), no retraining.
@@ -627,13 +715,16 @@ def kwon_prune(
     flops_keep: fraction of FLOPs kept, in (0, 1]; or pass ``config`` (a KwonConfig).
     options: other KwonConfig fields (seq_len, num_samples, teacher_keep, rearrange, rescale, ...).
     device: "auto" = cuda if available, else cpu; the result lives there.
+    offload: keep the whole-sample data, the Fisher's per-example gradients and the rescaling's hidden
+        states (the student's and the target's), in temporary files rather than RAM (default: on the CPU,
+        as kprune.prune; see kprune.memory). It changes the memory a prune needs, never its result.
     Returns the physically smaller model and a PruneRecord (``config["method"] == "kwon2022-mask-tuning"``;
     each step's ``predictive_lost`` is the Fisher importance of its pruned units, its errors the rescaling's).
     """
     config = _config(flops_keep, config, options)
     started = time.perf_counter()
     pruned = _work_model(model, device)
-    result, batches = _kwon_masks(pruned, sample, labels, config)
+    result, batches = _kwon_masks(pruned, sample, labels, config, offload)
     costs = unit_costs(pruned, result.seq_len)
     lost = [float(f[~k].sum()) for f, k in zip(result.fisher, result.keep, strict=True)]
     errors = [(r.error_before, r.error_after, r.target_sq) for r in result.reports]
@@ -673,18 +764,23 @@ def _work_model(model: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 def _kwon_masks(
-    work: nn.Module, sample: Mapping[str, Tensor], labels: Tensor | None, config: KwonConfig
+    work: nn.Module,
+    sample: Mapping[str, Tensor],
+    labels: Tensor | None,
+    config: KwonConfig,
+    offload: bool | None = None,
 ) -> tuple[KwonMasks, list[dict[str, Tensor]]]:
-    """The method on ``work`` (a private copy, on the device): its masks and the batches used."""
+    """The method on ``work`` (the model's frozen twin, on the device): its masks and the batches used."""
     labels = task_labels(work, sample, labels)
     # on the whole sample, like kprune.prune
     seq_len = resolve_seq_len(config.seq_len, sample["attention_mask"])
     sample, labels = subsample(sample, labels, config.num_samples, config.seed)
     device = next(work.parameters()).device
+    offload = offload_default(device) if offload is None else offload
     batches, label_batches = model_batches(work, sample, config.batch_size, device, labels)
 
     subs = sublayers(work)
-    gradients = mask_gradients(work, batches, label_batches, config.micro_batch_tokens)
+    gradients = mask_gradients(work, batches, label_batches, config.micro_batch_tokens, offload)
     del label_batches
     fisher = [fisher_diagonal(g) for g in gradients]
     head_cost, neuron_cost = unit_costs(work, seq_len)
@@ -710,9 +806,20 @@ def _kwon_masks(
         keep = [rearrange_mask(k, fisher_block(g)) for k, g in zip(searched, gradients, strict=True)]
     else:
         keep = [k.clone() for k in searched]
+    if isinstance(gradients, OffloadedGradients):
+        gradients.close()
     del gradients  # (sequences, units) per sublayer; the rescaling does not need them
     if config.rescale:
-        masks, reports = rescale_masks(work, keep, target_keep, batches, config.ridge, config.max_scale)
+        masks, reports = rescale_masks(
+            work,
+            keep,
+            target_keep,
+            batches,
+            config.ridge,
+            config.max_scale,
+            config.micro_batch_tokens,
+            offload,
+        )
     else:
         masks, reports = [k.double() for k in keep], [RescaleReport("off") for _ in keep]
     budget = config.flops_keep * flops_original
