@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,7 +65,7 @@ from kprune.baselines.common import (
     subsample,
     unit_costs,
 )
-from kprune.memory import OffloadedStates, hidden_states, offload_default
+from kprune.memory import OffloadedStates, offload_default
 from kprune.models import resolve_device
 from kprune.record import PruneResult, build_record
 from kprune.sample import resolve_seq_len
@@ -79,7 +79,6 @@ NUM_SAMPLES = 2048  # sequences used by Kwon et al.
 MAX_SCALE = 10.0  # the reference stops rescaling when a scale leaves [-10, 10]
 EXACT_RELATIVE_ERROR = 1e-10  # a sublayer already reproducing its target is left at scale 1
 MICRO_BATCH_TOKENS = 256  # padded tokens per pass of the Fisher and of the rescaling: bounds their memory
-HiddenStates = list[Tensor] | OffloadedStates  # one (B, S, d) tensor per micro-batch
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -487,14 +486,54 @@ def rescale_masks(
         for rows in micro_batches(*batch["attention_mask"].shape, max_tokens)
     ]
     attention_masks = [piece["attention_mask"] for piece in pieces]
-    student = hidden_states((encoder_input(model, dict(piece)) for piece in pieces), offload)
-    target = hidden_states(iter(student), offload)  # in RAM: the same tensors until the first sublayer
+    shapes = [tuple(mask.shape) for mask in attention_masks]
+    student = _states((encoder_input(model, dict(piece)) for piece in pieces), shapes, offload)
+    target = _states(iter(student), shapes, offload)
     try:
         return _rescale(model, keeps, target_keeps, student, target, attention_masks, ridge, max_scale)
     finally:
         for states in (student, target):
             if isinstance(states, OffloadedStates):
                 states.close()
+
+
+class StateBuffer:
+    """Whole-sample hidden states in RAM, in one buffer: indexing gives a micro-batch's (B, S, d) view and
+    assigning copies into it, so advancing the states allocates nothing that outlives a micro-batch.
+    (A new tensor per micro-batch and sublayer, interleaved with the temporaries, fragments glibc's heap:
+    the rescaling of 20k tokens on a BERT-base peaked at 2.2 GB RSS instead of 1.26 GB.)"""
+
+    def __init__(self, states: Iterable[Tensor], shapes: Sequence[tuple[int, int]]) -> None:
+        """states: one (B, S, d) tensor per entry of shapes (B, S), copied in."""
+        sizes = [rows * length for rows, length in shapes]
+        self.views: list[Tensor] = []
+        for number, state in enumerate(states):
+            if number == 0:
+                buffer = state.new_empty(sum(sizes), state.shape[-1])
+                parts = buffer.split(sizes)
+                self.views = [part.view(*shape, -1) for part, shape in zip(parts, shapes, strict=True)]
+            self[number] = state
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.views[index]
+
+    def __setitem__(self, index: int, state: Tensor) -> None:
+        if state.shape != self.views[index].shape:
+            raise ValueError(f"state {index} is {tuple(self.views[index].shape)}, got {tuple(state.shape)}")
+        self.views[index].copy_(state)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.views)
+
+
+HiddenStates = StateBuffer | OffloadedStates  # one (B, S, d) tensor per micro-batch
+
+
+def _states(states: Iterable[Tensor], shapes: Sequence[tuple[int, int]], offload: bool) -> HiddenStates:
+    return OffloadedStates(states) if offload else StateBuffer(states, shapes)
 
 
 def _rescale(
