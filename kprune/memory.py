@@ -14,7 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,49 @@ class OffloadedStates:
 def hidden_states(batches: Iterable[torch.Tensor], offload: bool) -> list[torch.Tensor] | OffloadedStates:
     """Whole-sample states, taken in one batch at a time: a list, or offloaded to a temporary file."""
     return OffloadedStates(batches) if offload else list(batches)
+
+
+class StateBuffer:
+    """Whole-sample hidden states in RAM, in one buffer: indexing gives a micro-batch's (B, S, d) view and
+    assigning copies into it, so advancing the states allocates nothing that outlives a micro-batch.
+    (A new tensor per micro-batch and sublayer, interleaved with the temporaries, fragments glibc's heap:
+    the rescaling of 20k tokens on a BERT-base peaked at 2.2 GB RSS instead of 1.26 GB.)"""
+
+    def __init__(self, states: Iterable[torch.Tensor], shapes: Sequence[tuple[int, int]]) -> None:
+        """states: one (B, S, d) tensor per entry of shapes (B, S), copied in."""
+        sizes = [rows * length for rows, length in shapes]
+        self.views: list[torch.Tensor] = []
+        for number, state in enumerate(states):
+            if number == 0:
+                buffer = state.new_empty(sum(sizes), state.shape[-1])
+                parts = buffer.split(sizes)
+                self.views = [part.view(*shape, -1) for part, shape in zip(parts, shapes, strict=True)]
+            self[number] = state
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.views[index]
+
+    def __setitem__(self, index: int, state: torch.Tensor) -> None:
+        if state.shape != self.views[index].shape:
+            raise ValueError(f"state {index} is {tuple(self.views[index].shape)}, got {tuple(state.shape)}")
+        self.views[index].copy_(state)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.views)
+
+
+HiddenStates = StateBuffer | OffloadedStates  # one (B, S, d) tensor per micro-batch
+
+
+def hidden_state_buffer(
+    states: Iterable[torch.Tensor], shapes: Sequence[tuple[int, int]], offload: bool
+) -> HiddenStates:
+    """Whole-sample states of known (B, S) shapes, taken in one batch at a time: one preallocated buffer in
+    RAM, or offloaded to a temporary file."""
+    return OffloadedStates(states) if offload else StateBuffer(states, shapes)
 
 
 def offload_default(device: torch.device) -> bool:

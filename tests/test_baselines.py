@@ -11,21 +11,14 @@ from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
 from kprune.arch import encoder_input, task_logits
-from kprune.baselines import KwonConfig, kwon, kwon_masks, kwon_prune, magnitude_prune
+from kprune.baselines import KwonConfig, kwon_masks, kwon_prune, magnitude_prune
 from kprune.baselines.common import apply_masks, masked_logits, masked_sublayer, model_batches
-from kprune.baselines.kwon import (
-    ScaleStats,
-    fisher_block,
-    fisher_objective,
-    mask_gradients,
-    micro_batches,
-    rearrange_mask,
-    rescale_masks,
-    search_heads_and_neurons,
-    solve_scales,
-    task_labels,
-    task_loss,
-)
+from kprune.baselines.kwon import fisher
+from kprune.baselines.kwon.fisher import fisher_block, mask_gradients
+from kprune.baselines.kwon.labels import task_labels, task_loss
+from kprune.baselines.kwon.rearrange import fisher_objective, rearrange_mask
+from kprune.baselines.kwon.rescale import ScaleStats, rescale_masks, solve_scales
+from kprune.baselines.kwon.search import search_heads_and_neurons
 from kprune.baselines.magnitude import weight_magnitudes
 from kprune.flops import head_flops, neuron_flops
 from kprune.models import model_logits
@@ -575,16 +568,6 @@ def test_per_example_mask_gradients_equal_single_example_autograd(family, task):
             torch.testing.assert_close(gradients[sublayer][position], grad, atol=1e-5, rtol=1e-4)
 
 
-def test_micro_batches_cover_every_row_once_within_the_token_bound():
-    for rows, length, max_tokens in [(10, 7, 20), (3, 50, 10), (32, 16, 512), (5, 1, 2), (1, 9, 9)]:
-        slices = micro_batches(rows, length, max_tokens)
-        assert [i for part in slices for i in range(rows)[part]] == list(range(rows))
-        assert all(
-            (part.stop - part.start) * length <= max_tokens or part.stop - part.start == 1 for part in slices
-        )
-    assert len(micro_batches(10, 7, 20)) == 5 and len(micro_batches(32, 16, 512)) == 1
-
-
 @pytest.mark.parametrize("task", ["classification", "qa"])
 def test_fisher_micro_batches_bound_each_backward_and_change_no_gradient(task, monkeypatch):
     model, sample, labels = setup("bert", task, num=20)
@@ -597,7 +580,7 @@ def test_fisher_micro_batches_bound_each_backward_and_change_no_gradient(task, m
         shapes.append(tuple(batch["input_ids"].shape))
         return masked_logits(model, batch, masks)
 
-    monkeypatch.setattr(kwon, "masked_logits", recording)
+    monkeypatch.setattr(fisher, "masked_logits", recording)
     for max_tokens in (1, 25):
         shapes.clear()
         split = mask_gradients(model, batches, label_batches, max_tokens=max_tokens)

@@ -7,7 +7,7 @@ from tiny import model_inputs, tiny_model, tiny_sample
 
 from kprune.arch import encoder_input, task_logits, task_of
 from kprune.knowledge import distillation_loss as distillation_loss_lib
-from kprune.knowledge import loss_hessian_factor, measure_knowledge, unit_scores
+from kprune.knowledge import loss_hessian_factor, measure_knowledge, micro_batches, unit_scores
 from kprune.models import model_logits
 from kprune.sublayer import sublayers
 
@@ -247,3 +247,13 @@ def test_micro_batches_do_not_change_the_knowledge(predictive):
     whole, split = knowledge(10_000), knowledge(1)
     assert whole.abs().max() > 0
     torch.testing.assert_close(split, whole, rtol=1e-10, atol=0)
+
+
+def test_micro_batches_cover_every_row_once_within_the_token_bound():
+    for rows, length, max_tokens in [(10, 7, 20), (3, 50, 10), (32, 16, 512), (5, 1, 2), (1, 9, 9)]:
+        slices = micro_batches(rows, length, max_tokens)
+        assert [i for part in slices for i in range(rows)[part]] == list(range(rows))
+        assert all(
+            (part.stop - part.start) * length <= max_tokens or part.stop - part.start == 1 for part in slices
+        )
+    assert len(micro_batches(10, 7, 20)) == 5 and len(micro_batches(32, 16, 512)) == 1

@@ -5,7 +5,14 @@ import sys
 import pytest
 import torch
 
-from kprune.memory import OffloadedStates, hidden_states, limit_heap_fragmentation, offload_default
+from kprune.memory import (
+    OffloadedStates,
+    StateBuffer,
+    hidden_state_buffer,
+    hidden_states,
+    limit_heap_fragmentation,
+    offload_default,
+)
 
 
 def test_offloaded_states_read_back_what_was_written_and_take_updates():
@@ -20,6 +27,21 @@ def test_offloaded_states_read_back_what_was_written_and_take_updates():
     with pytest.raises(ValueError, match="batch 0 is"):
         states[0] = torch.randn(2, 3, 5)
     states.close()
+
+
+def test_state_buffer_holds_every_batch_in_one_allocation_and_copies_updates_in():
+    batches = [torch.randn(2, 3, 4), torch.randn(5, 1, 4)]
+    states = hidden_state_buffer(iter(batches), [(2, 3), (5, 1)], offload=False)
+    assert isinstance(states, StateBuffer) and len(states) == 2
+    assert all(torch.equal(a, b) for a, b in zip(states, batches, strict=True))
+    base = states[0].untyped_storage().data_ptr()
+    assert states[1].untyped_storage().data_ptr() == base  # views of one buffer
+    replacement = torch.randn(5, 1, 4)
+    states[1] = replacement
+    assert torch.equal(states[1], replacement) and states[1].untyped_storage().data_ptr() == base
+    with pytest.raises(ValueError, match="state 0 is"):
+        states[0] = torch.randn(2, 3, 5)
+    assert isinstance(hidden_state_buffer(iter(batches), [(2, 3), (5, 1)], offload=True), OffloadedStates)
 
 
 def test_hidden_states_are_a_list_unless_offloaded():
