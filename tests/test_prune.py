@@ -201,3 +201,20 @@ def test_knowledge_batches_are_seeded_whole_batches_of_enough_tokens():
     assert len(chosen) < len(batches)
     result = run(tiny_model("bert"), sample, 0.5, knowledge_tokens=sum(tokens) // 3)
     assert result.record.config["knowledge_tokens"] == sum(tokens) // 3
+
+
+# The published algorithm's settings, spelled out: what the default run did before the improvements.
+PAPER_SETTINGS = dict(lam_pred=1.0, lam_rep=2.5e-4, mu=1.0, temperature=2.0, tune_weights=True, ridge=1e-4)
+
+
+@pytest.mark.parametrize(
+    "family,task", [("bert", "classification"), ("roberta", "regression"), ("bert", "qa")]
+)
+def test_the_paper_settings_give_a_bit_identical_model(family, task):
+    model = tiny_model(family, task)
+    sample = model_inputs(model, tiny_sample(num=40))
+    default, paper = run(model, sample, 0.4), run(model, sample, 0.4, **PAPER_SETTINGS)
+    assert (default.record.heads, default.record.neurons) == (paper.record.heads, paper.record.neurons)
+    expected, actual = default.model.state_dict(), paper.model.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
