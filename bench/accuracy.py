@@ -291,6 +291,7 @@ def one_run(
             heads_per_layer=heads,
             neurons_per_layer=neurons,
             seq_len=result.record.seq_len,
+            tune_strengths=[step.tune_strength for step in result.record.steps],  # None: not tuned
         )
         correct = logits.argmax(-1) == truth if task_of(teacher) == CLASSIFICATION else None
         agree = None
