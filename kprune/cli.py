@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=tuple(PRESETS),
         default=DEFAULTS.preset,
-        help="default: the improved algorithm (comparable knowledge scales, a classifier's last layer at "
-        "the first token, tuning checked on held-out sequences); paper: the published algorithm "
-        f"(default {DEFAULTS.preset})",
+        help="which algorithm: 'default' is the improved one (comparable knowledge scales, a "
+        "classifier's last layer at the first token, tuning checked on held-out sequences), 'paper' "
+        "the published one, for comparison",
     )
     prune_parser.add_argument(
         "--lam-rep",
