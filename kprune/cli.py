@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kprune.api import prune
 from kprune.arch import task_of
-from kprune.config import KPruneConfig
+from kprune.config import PRESETS, KPruneConfig
 from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import is_pruned_folder, read_meta, save_pruned
@@ -253,15 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"weight of predictive knowledge (default {DEFAULTS.lam_pred})",
     )
     prune_parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=DEFAULTS.preset,
+        help="which algorithm: 'default' is the improved one (comparable knowledge scales, a "
+        "classifier's last layer at the first token, tuning checked on held-out sequences), 'paper' "
+        "the published one, for comparison",
+    )
+    prune_parser.add_argument(
         "--lam-rep",
         type=NON_NEGATIVE,
-        default=DEFAULTS.lam_rep,
-        help=f"weight of representational knowledge (default {DEFAULTS.lam_rep})",
+        default=None,
+        help="weight of representational knowledge (default: the preset's, "
+        + ", ".join(f"{name} {values['lam_rep']}" for name, values in PRESETS.items())
+        + "; with the default preset a weight relative to the predictive term)",
     )
     prune_parser.add_argument(
         "--mu",
         type=NON_NEGATIVE,
-        default=DEFAULTS.mu,
+        default=None,
         help=f"extra weight of head scores (default {DEFAULTS.mu}: kprune scores a head as a whole, the "
         "reference code's mu=64 on per-dimension means for d_h=64; >1 favours keeping heads)",
     )
@@ -456,6 +466,7 @@ def run_prune(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.quiet,
         seq_len=seq_len,
+        preset=args.preset,
         lam_pred=args.lam_pred,
         lam_rep=args.lam_rep,
         mu=args.mu,

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kprune.knowledge import FISHER, PREDICTIVE_MODES
+from kprune.knowledge import FISHER, KNOWLEDGE_SCALES, MEAN_SCALE, PREDICTIVE_MODES, RAW_SCALE
+
+DEFAULT, PAPER = "default", "paper"
+
+# What each preset sets; a field given explicitly overrides its preset's value.
+PRESETS: dict[str, dict] = {
+    # The published algorithm (as kprune ran it before the improvements): raw knowledge scales with the
+    # reference's lam_rep, every token everywhere, least squares on the whole sample towards zero.
+    PAPER: dict(lam_rep=2.5e-4, mu=1.0, knowledge_scale=RAW_SCALE, head_positions=False, check_fraction=0.0),
+    # The improved algorithm: knowledge terms on comparable scales (lam_rep a relative weight), the last
+    # layer scored and tuned where the head reads it, tuning that is checked on held-out sequences.
+    DEFAULT: dict(lam_rep=0.25, mu=1.0, knowledge_scale=MEAN_SCALE, head_positions=True, check_fraction=0.2),
+}
+PRESET_FIELDS = tuple(PRESETS[DEFAULT])
 
 
 @dataclass(frozen=True)
@@ -15,7 +28,15 @@ class KPruneConfig:
         (0.4 keeps 40%, i.e. removes 60%). FLOPs count attention heads and FFN neurons only.
     seq_len: average tokens per sequence used by the FLOPs model; None: the mean real length of the
         calibration sample, the default of every entry point (see kprune.sample.resolve_seq_len).
-    lam_pred, lam_rep: weights of predictive and representational knowledge (reference: 1, 2.5e-4).
+    preset: "default" (the improved algorithm) or "paper" (the published one); it sets lam_rep, mu,
+        knowledge_scale, head_positions and check_fraction wherever they are left None (see PRESETS).
+    lam_pred, lam_rep: weights of predictive and representational knowledge (paper: 1, 2.5e-4 on raw
+        scales). With knowledge_scale "mean" each term is first divided by its mean over the candidate units,
+        so lam_rep is the representational term's weight relative to the predictive one (1: as much).
+    knowledge_scale: "raw" (the paper) or "mean" (each knowledge term over its mean, per iteration).
+    head_positions: for sequence classification and regression, the last layer's sublayers are scored
+        (representational knowledge) and tuned on the first token's rows only, the one position the head
+        reads; QA reads every position and keeps every token.
     mu: extra weight of head scores. The reference code averages a head's knowledge over its d_h
         dimensions and multiplies by mu=64, which is the *sum* for BERT-base's d_h=64. kprune measures a
         head as a whole (one mask per head, representational knowledge summed over its dimensions), so
@@ -23,7 +44,12 @@ class KPruneConfig:
         from (<1) heads.
     temperature: softmax temperature of the soft labels (reference: 2).
     tune_weights: refit each pruned sublayer's output projection by least squares.
-    ridge: relative ridge of that least squares (times the mean diagonal of the Gram matrix).
+    check_fraction: share of the sample's sequences (seeded) held out to check the tuning: the ridge towards
+        the current weight whose strength (of tune_strengths) has the lowest check error is refitted on the
+        whole sample, or the weight stays as it is when that is better (kprune.tune.solve_towards_current).
+        0: the paper's tuning, every token, a ridge of ``ridge`` towards zero.
+    tune_strengths: the relative ridge strengths tried (times the mean diagonal of the Gram matrix).
+    ridge: relative ridge of the paper's least squares (times the mean diagonal of the Gram matrix).
     projections: random projections per example for the Fisher of QA and of classifiers with more than
         projections + 1 classes (exact otherwise).
     predictive_knowledge: "fisher" (per-example Fisher, non-zero at iteration 0) or "batch-gradient"
@@ -37,12 +63,17 @@ class KPruneConfig:
     """
 
     flops_keep: float
+    preset: str = DEFAULT
     seq_len: float | None = None
     lam_pred: float = 1.0
-    lam_rep: float = 2.5e-4
-    mu: float = 1.0
+    lam_rep: float | None = None
+    mu: float | None = None
+    knowledge_scale: str | None = None
+    head_positions: bool | None = None
     temperature: float = 2.0
     tune_weights: bool = True
+    check_fraction: float | None = None
+    tune_strengths: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     ridge: float = 1e-4
     projections: int = 8
     predictive_knowledge: str = FISHER
@@ -52,12 +83,30 @@ class KPruneConfig:
     micro_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        preset = PRESETS[self.preset]
+        for name in PRESET_FIELDS:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, preset[name])
+        object.__setattr__(self, "tune_strengths", tuple(float(s) for s in self.tune_strengths))
+        if self.knowledge_scale not in KNOWLEDGE_SCALES:
+            raise ValueError(
+                f"knowledge_scale must be one of {KNOWLEDGE_SCALES}, got {self.knowledge_scale!r}"
+            )
+        if not 0.0 <= self.check_fraction < 1.0:
+            raise ValueError(
+                f"check_fraction must be in [0, 1) (0: no check part), got {self.check_fraction}"
+            )
+        if not self.tune_strengths or any(not s > 0 for s in self.tune_strengths):
+            raise ValueError(f"tune_strengths must be numbers > 0, got {self.tune_strengths}")
         if not 0.0 < self.flops_keep <= 1.0:
             raise ValueError(
                 f"flops_keep must be in (0, 1] (the fraction of FLOPs kept), got {self.flops_keep}"
             )
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        object.__setattr__(self, "head_positions", bool(self.head_positions))
         for name in ("lam_pred", "lam_rep", "mu", "ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -34,17 +34,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kprune.arch import ATTENTION, encoder_input, task_of
+from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
 from kprune.config import KPruneConfig
 from kprune.flops import head_flops, neuron_flops
-from kprune.knowledge import Knowledge, measure_knowledge, unit_scores
+from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
 from kprune.memory import OffloadedStates, hidden_states, offload_default
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
 from kprune.sample import resolve_seq_len
 from kprune.search import search_mask
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers
-from kprune.tune import LeastSquaresStats, TuneReport, solve_output_projection
+from kprune.tune import (
+    LeastSquaresStats,
+    TuneReport,
+    check_sequences,
+    solve_output_projection,
+    solve_towards_current,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +162,23 @@ def knowledge_batches(batches: Batches, knowledge_tokens: int | None, seed: int)
     return sorted(chosen)
 
 
+def reads_first_token_only(model: nn.Module, t: int, config: KPruneConfig) -> bool:
+    """Whether sublayer t's output reaches the head through the first token only (and is scored and tuned
+    there, with config.head_positions): the last layer of a sequence classifier or regressor, whose head
+    reads [CLS] / <s> and whose FFN acts per token. QA reads every position."""
+    last_layer = t >= len(sublayers(model)) - 2
+    return config.head_positions and last_layer and task_of(model) != QUESTION_ANSWERING
+
+
+def tuning_rows(attention_mask: torch.Tensor, first_token_only: bool) -> torch.Tensor:
+    """Bool (B, S): the rows the tuning fits: every real token, or each sequence's first token."""
+    if not first_token_only:
+        return attention_mask.bool()
+    rows = torch.zeros_like(attention_mask, dtype=torch.bool)
+    rows[:, 0] = True
+    return rows
+
+
 def measure(
     student: nn.Module,
     t: int,
@@ -182,6 +205,9 @@ def measure(
         generator=step_generator(config.seed, t),
         predictive=config.predictive_knowledge,
         max_tokens=config.micro_batch_tokens,
+        first_token_only=[
+            reads_first_token_only(student, s, config) for s in range(t, len(sublayers(student)))
+        ],
     )
 
 
@@ -195,12 +221,12 @@ def search(
 ) -> torch.Tensor:
     """Keep-mask of sublayer t from the global ranking of all units of sublayers >= t."""
     subs = sublayers(student)[t:]
+    scales = knowledge_scales(knowledge, config.knowledge_scale)
     scores, costs = [], []
     for sub, known in zip(subs, knowledge, strict=True):
         cost = unit_flops(sub, seq_len)
-        scores.append(
-            unit_scores(known, cost, sub.kind == ATTENTION, config.lam_pred, config.lam_rep, config.mu)
-        )
+        is_head = sub.kind == ATTENTION
+        scores.append(unit_scores(known, cost, is_head, config.lam_pred, config.lam_rep, config.mu, scales))
         costs.append(torch.full((sub.num_units,), cost, dtype=torch.float64))
     keep = search_mask(torch.cat(scores), torch.cat(costs), max(flops_left, 0.0))
     return keep[: subs[0].num_units]
@@ -218,21 +244,42 @@ def tune(
 ) -> tuple[torch.Tensor | None, TuneReport]:
     """Least-squares output projection of sublayer t's kept units (None when tuning is off).
 
-    Only the kept units' features are computed: the input maps are sliced to them first."""
+    Only the kept units' features are computed: the input maps are sliced to them first. With
+    config.check_fraction, the statistics of the seeded check sequences are kept apart (the same features,
+    no extra pass) to choose the tuning strength (kprune.tune.solve_towards_current)."""
     sub = Sublayer(student, t)
-    keep = keep.to(sub.output.weight.device)
+    device = sub.output.weight.device
+    keep = keep.to(device)
     columns = keep.repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
-    stats = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=sub.output.weight.device)
+    first_token_only = reads_first_token_only(student, t, config)
+    fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
+    check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
+    num_sequences = sum(len(batch["attention_mask"]) for batch in batches)
+    in_check = (
+        check_sequences(num_sequences, config.check_fraction, config.seed)
+        if config.check_fraction > 0 and num_sequences > 1
+        else torch.zeros(num_sequences, dtype=torch.bool)
+    ).to(device)
+    start = 0
     for hidden, batch, target in zip(student_hidden, batches, targets, strict=True):
-        valid = batch["attention_mask"].bool()
+        rows = tuning_rows(batch["attention_mask"], first_token_only)
         features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
-        stats.add(features[valid], (target - hidden - bias)[valid])
+        residual = target - hidden - bias
+        checked = in_check[start : start + len(rows)]
+        start += len(rows)
+        if checked.any():
+            check_rows = rows & checked[:, None]
+            check.add(features[check_rows], residual[check_rows])
+            rows = rows & ~checked[:, None]
+        fit.add(features[rows], residual[rows])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
-        error = stats.error(current)
-        return None, TuneReport(error, error, stats.target_sq, 0.0, "none")
-    return solve_output_projection(stats, current, ridge=config.ridge)
+        error = (fit + check).error(current)
+        return None, TuneReport(error, error, fit.target_sq + check.target_sq, 0.0, "none")
+    if config.check_fraction > 0:
+        return solve_towards_current(fit, check, current, config.tune_strengths)
+    return solve_output_projection(fit, current, ridge=config.ridge)
 
 
 @torch.no_grad()
@@ -275,6 +322,9 @@ def prune_sublayer(
         relative_error_before=report.relative_error_before,
         relative_error_after=report.relative_error_after,
         seconds=seconds,
+        tune_strength=report.strength,
+        check_error_before=report.check_error_before,
+        check_error_after=report.check_error_after,
     )
 
 

@@ -15,7 +15,13 @@ per-example gradients of ``r . logits`` give F_ii = sum over rows of squared gra
                      is sketched with random +-1 projections, which keep E[F_ii] exact.
 
 Representational knowledge of unit i is what it adds to the sublayer's output, summed over its
-features f and averaged over sample tokens:  mean_tokens sum_f x_f^2 ||W_out[:, f]||^2 / d.
+features f and averaged over sample tokens:  mean_tokens sum_f x_f^2 ||W_out[:, f]||^2 / d. For a sublayer
+whose output the head reads at the first token only (the last layer of a sequence classifier), the mean runs
+over first tokens.
+
+The two terms live on unrelated scales (a Fisher of the loss, a squared activation norm). With the "mean"
+scale, each is divided by its mean over the candidate units before they are weighted, so lam_rep weighs
+representational against predictive knowledge on equal footing; "raw" is the paper's.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from kprune.sublayer import Sublayer
 FISHER = "fisher"
 BATCH_GRADIENT = "batch-gradient"
 PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
+RAW_SCALE, MEAN_SCALE = "raw", "mean"
+KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
 
 
 def distillation_loss(
@@ -130,6 +138,7 @@ def measure_knowledge(
     generator: torch.Generator | None = None,
     predictive: str = FISHER,
     max_tokens: int = 1024,
+    first_token_only: Sequence[bool] | None = None,
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
 
@@ -138,8 +147,13 @@ def measure_knowledge(
     row yields per-example gradients. Each batch goes through in micro-batches of at most ``max_tokens``
     padded tokens, which bounds the autograd graph; per-example gradients do not depend on the split.
     ``predictive="batch-gradient"`` reproduces the reference code (squared gradients of the batch-mean
-    loss, zero while the student equals the teacher), for ablations.
+    loss, zero while the student equals the teacher), for ablations. ``first_token_only[i]``: the
+    representational knowledge of ``subs[i]`` is averaged over the first tokens only (the positions its
+    output reaches the head by).
     """
+    first_token_only = list(first_token_only) if first_token_only is not None else [False] * len(subs)
+    if len(first_token_only) != len(subs):
+        raise ValueError(f"first_token_only has {len(first_token_only)} entries for {len(subs)} sublayers")
     if predictive not in PREDICTIVE_MODES:
         raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
     predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
@@ -162,6 +176,7 @@ def measure_knowledge(
                 generator,
                 predictive,
                 len(attention_mask),
+                first_token_only,
             )
             for position in range(len(subs)):
                 representational[position] += (squared_features[position] * output_scale[position]).sum(-1)
@@ -175,8 +190,8 @@ def measure_knowledge(
         examples += hidden.shape[0]
         tokens += int(attention_mask.sum())
     return [
-        Knowledge(predictive=0.5 * pred / examples, representational=rep / tokens)
-        for pred, rep in zip(predictive_sums, representational, strict=True)
+        Knowledge(predictive=0.5 * pred / examples, representational=rep / (examples if first else tokens))
+        for pred, rep, first in zip(predictive_sums, representational, first_token_only, strict=True)
     ]
 
 
@@ -192,19 +207,23 @@ def _measure_micro_batch(
     generator,
     predictive,
     batch_rows,
+    first_token_only,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per sublayer: the squared features summed over valid tokens (units, width), and the gradients of
     the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
     (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
     token_weights = attention_mask.flatten().to(hidden.dtype)
+    first_token_weights = torch.zeros_like(attention_mask, dtype=hidden.dtype)
+    first_token_weights[:, 0] = 1.0
+    first_token_weights = first_token_weights.flatten()
     masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
     squared_features = []
-    for sub, mask in zip(subs, masks, strict=True):
+    for sub, mask, first in zip(subs, masks, first_token_only, strict=True):
         features = sub.features(hidden, attention_mask)
         # Valid tokens' squares summed by one matrix-vector product, in float32 within a micro-batch and
         # float64 across them: no gathered or float64 copy of the features.
         flat = features.detach().flatten(0, 1).flatten(1)
-        squared = token_weights @ (flat * flat)
+        squared = (first_token_weights if first else token_weights) @ (flat * flat)
         squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
         hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
     gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
@@ -227,6 +246,18 @@ def _measure_micro_batch(
     return squared_features, gradients
 
 
+def knowledge_scales(knowledge: Sequence[Knowledge], scale: str = RAW_SCALE) -> tuple[float, float]:
+    """Divisors of the predictive and representational terms: 1 ("raw"), or each term's mean over every
+    candidate unit of ``knowledge`` ("mean"; 1 where that mean is 0, as the batch-gradient's at t=0)."""
+    if scale not in KNOWLEDGE_SCALES:
+        raise ValueError(f"scale must be one of {KNOWLEDGE_SCALES}, got {scale!r}")
+    if scale == RAW_SCALE:
+        return 1.0, 1.0
+    means = [float(torch.cat([getattr(known, term) for known in knowledge]).double().mean())
+             for term in ("predictive", "representational")]  # fmt: skip
+    return tuple(mean if mean > 0 else 1.0 for mean in means)
+
+
 def unit_scores(
     knowledge: Knowledge,
     unit_flops: float,
@@ -234,7 +265,12 @@ def unit_scores(
     lam_pred: float = 1.0,
     lam_rep: float = 2.5e-4,
     mu: float = 1.0,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """Knowledge per FLOP; heads are weighted by ``mu`` (see KPruneConfig.mu)."""
-    score = (lam_pred * knowledge.predictive + lam_rep * knowledge.representational) / unit_flops
+    """Knowledge per FLOP, each term over its scale (``knowledge_scales``); heads weighted by ``mu``
+    (see KPruneConfig.mu)."""
+    predictive, representational = knowledge.predictive, knowledge.representational
+    if scales != (1.0, 1.0):  # the raw path computes exactly what the paper preset always did
+        predictive, representational = predictive / scales[0], representational / scales[1]
+    score = (lam_pred * predictive + lam_rep * representational) / unit_flops
     return score * mu if is_head else score

@@ -35,6 +35,11 @@ class StepRecord:
     relative_error_before: float
     relative_error_after: float
     seconds: float
+    # Tuning checked on held-out sequences (None without a check part): the relative ridge strength chosen
+    # (None: no tuning won) and the check part's error before and after.
+    tune_strength: float | None = None
+    check_error_before: float | None = None
+    check_error_after: float | None = None
 
 
 @dataclass

@@ -1,12 +1,22 @@
 """Knowledge-preserving weight tuning: least-squares refit of one sublayer's output projection.
 
-Solves min_W ||F W^T - R||^2 over all sample tokens, with F the kept units' features (inputs of the output
+Solves min_W ||F W^T - R||^2 over the sample's tokens, with F the kept units' features (inputs of the output
 projection) and R the target (teacher residual sum - student input - output bias). Tokens arrive in batches,
 so only the Gram statistics G = F^T F, C = F^T R and ||R||^2 are kept, in float64.
+
+Two solvers:
+- ``solve_output_projection`` (the paper): the whole sample, a small ridge towards zero, accepted when its
+  in-sample error is lower (which least squares always is).
+- ``solve_towards_current`` (the default): the sample's sequences are split into a fit and a check part;
+  over a grid of strengths s, the ridge towards the current weight W0,
+  ``min_W ||F W^T - R||^2 + lam ||W - W0||^2`` with lam = s * mean(diag(G_fit)), is solved on the fit part
+  from one eigendecomposition of G_fit; the strength with the lowest check-part error wins, or no tuning at
+  all when W0 is better on the check part; the winner is refitted on the whole sample at that strength.
 """
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +83,13 @@ class LeastSquaresStats:
         selected.num_rows = self.num_rows
         return selected
 
+    def __add__(self, other: "LeastSquaresStats") -> "LeastSquaresStats":
+        """The statistics of both sets of rows."""
+        total = LeastSquaresStats(self.num_features, self.out_dim, device=self.gram.device)
+        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
+        total.target_sq, total.num_rows = self.target_sq + other.target_sq, self.num_rows + other.num_rows
+        return total
+
     def error(self, weight: Tensor) -> float:
         """||F W^T - R||^2 for weight W (d, k), from the statistics: tr(W G W^T) - 2 tr(W C) + ||R||^2."""
         if weight.shape != (self.out_dim, self.num_features):
@@ -93,6 +110,9 @@ class TuneReport:
     ridge is the absolute value lam added to G's diagonal; solver is "cholesky", "lstsq" (fallback),
     "exact" (the current weight already reconstructs the target) or "none" (no kept features);
     kept_current_weight says the solution was rejected (not better, or not finite).
+    With a check part (``solve_towards_current``): strength is the chosen relative strength s (None: no
+    tuning won), check_error_before / check_error_after the check part's error of the current weight and of
+    the fit-part solution at that strength (equal when no tuning won).
     """
 
     error_before: float
@@ -101,6 +121,9 @@ class TuneReport:
     ridge: float
     solver: str
     kept_current_weight: bool = False
+    strength: float | None = None
+    check_error_before: float | None = None
+    check_error_after: float | None = None
 
     @property
     def relative_error_before(self) -> float:
@@ -164,4 +187,108 @@ def solve_output_projection(
         kept = TuneReport(error_before, error_before, stats.target_sq, lam, solver, kept_current_weight=True)
         return current_weight.clone(), kept
     report = TuneReport(error_before, error_after, stats.target_sq, lam, solver)
+    return new_weight, report
+
+
+def check_sequences(num_sequences: int, fraction: float, seed: int) -> Tensor:
+    """Bool (num_sequences,): the sequences of the check part, a seeded random ``fraction`` of them (at least
+    one, and at least one left to fit when there are two or more)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the check fraction must be in (0, 1), got {fraction}")
+    count = min(max(1, round(fraction * num_sequences)), max(num_sequences - 1, 0))
+    order = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed))
+    check = torch.zeros(num_sequences, dtype=torch.bool)
+    check[order[:count]] = True
+    return check
+
+
+def ridge_towards(
+    stats: LeastSquaresStats, current_weight: Tensor, strengths: Sequence[float]
+) -> list[Tensor]:
+    """W(s)^T = (G + lam I)^-1 (C + lam W0^T), lam = s * mean(diag(G)), for every s, float64 (d, k), from
+    one eigendecomposition G = V diag(e) V^T:  W(s)^T = V diag(1 / (e + lam)) V^T (C + lam W0^T)."""
+    gram, cross = stats.gram, stats.cross
+    w0 = current_weight.detach().to(device=gram.device, dtype=torch.float64).T  # (k, d)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.clamp_min(0)  # round-off can leave tiny negatives on a singular G
+    projected_cross, projected_current = eigenvectors.T @ cross, eigenvectors.T @ w0
+    mean_diagonal = float(gram.diagonal().mean())
+    solutions = []
+    for strength in strengths:
+        lam = strength * mean_diagonal
+        inverse = 1.0 / (eigenvalues + lam)
+        if not torch.isfinite(inverse).all():  # lam = 0 on a singular G: no unique solution
+            inverse = torch.where(eigenvalues > 0, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
+        solutions.append((eigenvectors @ (inverse[:, None] * (projected_cross + lam * projected_current))).T)
+    return solutions
+
+
+def solve_towards_current(
+    fit: LeastSquaresStats, check: LeastSquaresStats, current_weight: Tensor, strengths: Sequence[float]
+) -> tuple[Tensor, TuneReport]:
+    """The output projection (d, k) that cannot hurt on held-out sequences, in current_weight's dtype/device.
+
+    fit, check: the statistics of the two parts of the sample; strengths: relative ridge strengths s > 0.
+    The strength (or no tuning) with the lowest check error is chosen on the fit part, then the weight is
+    refitted on fit + check at that strength (Cholesky; lstsq fallback)."""
+    if not strengths or not all(math.isfinite(s) and s > 0 for s in strengths):
+        raise ValueError(f"strengths must be finite numbers > 0, got {strengths!r}")
+    whole = fit + check
+    error_before = whole.error(current_weight)  # also checks current_weight's shape
+    check_before = check.error(current_weight)
+
+    def unchanged(solver: str, rejected: bool = False) -> tuple[Tensor, TuneReport]:
+        report = TuneReport(
+            error_before,
+            error_before,
+            whole.target_sq,
+            0.0,
+            solver,
+            rejected,
+            None,
+            check_before,
+            check_before,
+        )
+        return current_weight.clone(), report
+
+    if whole.num_features == 0:
+        return unchanged("none")
+    if error_before <= EXACT_RELATIVE_ERROR * whole.target_sq:
+        return unchanged("exact")
+    if fit.num_rows == 0 or check.num_rows == 0 or float(fit.gram.diagonal().mean()) <= 0:
+        return unchanged("no-check")  # nothing to fit, or nothing to check it on: tuning could hurt
+    check_errors = [check.error(w) for w in ridge_towards(fit, current_weight, strengths)]
+    best = min(range(len(strengths)), key=check_errors.__getitem__)
+    if not check_errors[best] < check_before:
+        return unchanged("check-rejected", rejected=True)
+
+    lam = strengths[best] * float(whole.gram.diagonal().mean())
+    system = whole.gram + lam * torch.eye(
+        whole.num_features, dtype=whole.gram.dtype, device=whole.gram.device
+    )
+    right = whole.cross + lam * current_weight.detach().to(whole.cross).T
+    cholesky_factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        solution, solver = torch.cholesky_solve(right, cholesky_factor), "cholesky"
+    else:
+        logger.warning("Cholesky failed (k=%d, lam=%.3g); falling back to lstsq", whole.num_features, lam)
+        solution = torch.linalg.lstsq(
+            system.cpu(), right.cpu(), rcond=LSTSQ_RELATIVE_CUTOFF, driver="gelsd"
+        ).solution.to(whole.gram.device)
+        solver = "lstsq"
+    new_weight = solution.T.to(device=current_weight.device, dtype=current_weight.dtype).contiguous()
+    report = TuneReport(
+        error_before,
+        whole.error(new_weight),
+        whole.target_sq,
+        lam,
+        solver,
+        False,
+        strengths[best],
+        check_before,
+        check_errors[best],
+    )
+    if not torch.isfinite(new_weight).all():
+        logger.warning("Tuned output projection is not finite; keeping the current weight")
+        return unchanged("not-finite", rejected=True)
     return new_weight, report

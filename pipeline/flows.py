@@ -56,7 +56,7 @@ logger = logging.getLogger("pipeline.flows")
 KILL_AFTER_ITERATION_ENV = "KPRUNE_KILL_AFTER_ITERATION"
 
 # Part of every fingerprint: a new layout of the iteration files makes older ones another run's.
-ITERATION_FORMAT = 3
+ITERATION_FORMAT = 4
 
 step = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 Batches = list[dict[str, torch.Tensor]]

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 from tiny import model_inputs, tiny_model, tiny_sample
 
 from kprune.arch import encoder_input, task_logits, task_of
+from kprune.knowledge import (
+    Knowledge,
+    knowledge_scales,
+    loss_hessian_factor,
+    measure_knowledge,
+    micro_batches,
+    unit_scores,
+)
 from kprune.knowledge import distillation_loss as distillation_loss_lib
-from kprune.knowledge import loss_hessian_factor, measure_knowledge, micro_batches, unit_scores
 from kprune.models import model_logits
 from kprune.sublayer import sublayers
 
@@ -139,9 +146,8 @@ def test_predictive_knowledge_is_nonzero_when_student_equals_teacher():
         torch.testing.assert_close(growth / eps**2, predictive[unit], rtol=1e-2, atol=0)
 
 
-def test_representational_knowledge_equals_hooked_computation():
-    model = tiny_model("electra")
-    sample = tiny_sample(num=10)
+def hooked_output_inputs(model, sample):
+    """The HF model's own input of every sublayer's output projection, (B, S, units * width)."""
     captured = {}
     handles = [
         sub.output.register_forward_pre_hook(lambda m, args, i=sub.index: captured.__setitem__(i, args[0]))
@@ -151,12 +157,46 @@ def test_representational_knowledge_equals_hooked_computation():
         model(**sample)
     for handle in handles:
         handle.remove()
+    return captured
+
+
+def expected_representational(sub, inputs, rows):
+    x = inputs[rows]  # (rows, units * width)
+    per_feature = x.pow(2).sum(0) * sub.output.weight.pow(2).sum(0) / sub.output.out_features
+    return (per_feature.view(sub.num_units, sub.width).sum(1) / rows.sum()).double()
+
+
+def test_representational_knowledge_equals_hooked_computation():
+    model = tiny_model("electra")
+    sample = tiny_sample(num=10)
+    captured = hooked_output_inputs(model, sample)
     valid = sample["attention_mask"].bool()
     for known, sub in zip(measure_all(model, sample), sublayers(model), strict=True):
-        x = captured[sub.index][valid]  # (tokens, units * width): the HF model's own output-projection input
-        per_feature = x.pow(2).sum(0) * sub.output.weight.pow(2).sum(0) / sub.output.out_features
-        expected = per_feature.view(sub.num_units, sub.width).sum(1) / valid.sum()
-        torch.testing.assert_close(known.representational, expected.double(), rtol=1e-4, atol=1e-10)
+        expected = expected_representational(sub, captured[sub.index], valid)
+        torch.testing.assert_close(known.representational, expected, rtol=1e-4, atol=1e-10)
+
+
+def test_first_token_knowledge_is_the_mean_over_first_tokens_only():
+    model = tiny_model("bert")
+    sample = tiny_sample(num=10)
+    captured = hooked_output_inputs(model, sample)
+    subs = sublayers(model)
+    first_token_only = [False, False, True, True]  # the last layer's two sublayers
+    with torch.no_grad():
+        teacher, hidden = model_logits(model, sample), encoder_input(model, sample)
+    measured = measure_knowledge(
+        model, subs, [hidden], [sample["attention_mask"]], [teacher], "classification",
+        temperature=T, first_token_only=first_token_only,
+    )  # fmt: skip
+    full = measure_all(model, sample)
+    first = torch.zeros_like(sample["attention_mask"], dtype=torch.bool)
+    first[:, 0] = True
+    for known, everywhere, sub, only_first in zip(measured, full, subs, first_token_only, strict=True):
+        rows = first if only_first else sample["attention_mask"].bool()
+        expected = expected_representational(sub, captured[sub.index], rows)
+        torch.testing.assert_close(known.representational, expected, rtol=1e-4, atol=1e-10)
+        # The predictive term is the same: the head already reads the first token only.
+        torch.testing.assert_close(known.predictive, everywhere.predictive)
 
 
 def test_hessian_factor_reproduces_the_loss_hessian():
@@ -171,8 +211,6 @@ def test_hessian_factor_reproduces_the_loss_hessian():
 
 
 def test_scores_are_knowledge_per_flop_with_head_weight():
-    from kprune.knowledge import Knowledge
-
     known = Knowledge(predictive=torch.tensor([2.0, 0.0]), representational=torch.tensor([0.0, 4.0]))
     torch.testing.assert_close(
         unit_scores(known, 10.0, is_head=False, lam_pred=1.0, lam_rep=0.5), torch.tensor([0.2, 0.2])
@@ -180,6 +218,22 @@ def test_scores_are_knowledge_per_flop_with_head_weight():
     torch.testing.assert_close(
         unit_scores(known, 10.0, is_head=True, lam_pred=1.0, lam_rep=0.5, mu=3.0), torch.tensor([0.6, 0.6])
     )
+
+
+def test_mean_scales_make_each_term_average_one_over_the_candidates():
+    known = [
+        Knowledge(predictive=torch.tensor([2.0, 4.0]), representational=torch.tensor([100.0, 300.0])),
+        Knowledge(predictive=torch.tensor([0.0, 6.0, 8.0]), representational=torch.tensor([0.0, 0.0, 100.0])),
+    ]
+    assert knowledge_scales(known, "raw") == (1.0, 1.0)
+    assert knowledge_scales(known, "mean") == pytest.approx((4.0, 100.0))  # 20 / 5 and 500 / 5
+    zero = [Knowledge(predictive=torch.zeros(3), representational=torch.tensor([1.0, 2.0, 3.0]))]
+    assert knowledge_scales(zero, "mean") == pytest.approx((1.0, 2.0))  # a zero mean leaves its term
+    # Scaled scores: lam_rep weighs the two terms on equal footing (here 1 * 4/4 + 0.5 * 300/100 = 2.5).
+    scores = unit_scores(known[0], 10.0, is_head=False, lam_rep=0.5, scales=(4.0, 100.0))
+    torch.testing.assert_close(scores, torch.tensor([0.1, 0.25]))
+    with pytest.raises(ValueError, match="scale"):
+        knowledge_scales(known, "median")
 
 
 @pytest.mark.parametrize("task", ["classification", "regression", "qa"])

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from kprune.tune import LeastSquaresStats, TuneReport, solve_output_projection
+from kprune.tune import (
+    LeastSquaresStats,
+    TuneReport,
+    check_sequences,
+    ridge_towards,
+    solve_output_projection,
+    solve_towards_current,
+)
 
 ZERO_WEIGHT = torch.zeros(5, 8, dtype=torch.float64)  # (d, k) of random_problem's default sizes
 
@@ -188,3 +195,96 @@ def test_exact_reconstruction_is_not_resolved(caplog):
     with caplog.at_level(logging.WARNING, logger="kprune.tune"):
         tuned, report = solve_output_projection(stats_of(features, features @ weight.T), weight, ridge=0.1)
     assert torch.equal(tuned, weight) and report.solver == "exact" and caplog.text == ""
+
+
+STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def explicit_ridge_towards(features, target, current, strength):
+    """(G + lam I)^-1 (C + lam W0^T) by a dense solve, lam = strength * mean(diag(G))."""
+    gram = features.T @ features
+    lam = strength * float(gram.diagonal().mean())
+    system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(system, features.T @ target + lam * current.T).T
+
+
+def test_ridge_towards_the_current_weight_equals_dense_solves_and_tends_to_it():
+    features, target = random_problem(20)
+    current = torch.randn(5, 8, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    solutions = ridge_towards(stats_of(features, target), current, (*STRENGTHS, 1e9))
+    for strength, solution in zip(STRENGTHS, solutions, strict=False):
+        expected = explicit_ridge_towards(features, target, current, strength)
+        torch.testing.assert_close(solution, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(solutions[-1], current, rtol=0, atol=1e-6)  # infinite strength: W0 itself
+
+
+def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it():
+    features, target = random_problem(22, n=60, k=8)
+    current = torch.randn(5, 8, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    check = check_sequences(60, 0.25, seed=0)
+    fit_stats, check_stats = (
+        stats_of(features[~check], target[~check]),
+        stats_of(features[check], target[check]),
+    )
+    weight, report = solve_towards_current(fit_stats, check_stats, current, STRENGTHS)
+    # Brute force: each strength's fit-part solution, judged on the check rows directly.
+    errors = [
+        direct_error(
+            features[check],
+            explicit_ridge_towards(features[~check], target[~check], current, s),
+            target[check],
+        )
+        for s in STRENGTHS
+    ]
+    best = int(np.argmin(errors))
+    assert report.strength == STRENGTHS[best]
+    assert report.check_error_after == pytest.approx(errors[best], rel=1e-9)
+    assert report.check_error_before == pytest.approx(direct_error(features[check], current, target[check]))
+    assert report.check_error_after < report.check_error_before
+    torch.testing.assert_close(weight, explicit_ridge_towards(features, target, current, STRENGTHS[best]))
+    assert report.error_after == pytest.approx(direct_error(features, weight, target), rel=1e-9)
+    assert report.error_after <= report.error_before
+
+
+def test_no_tuning_wins_when_the_current_weight_is_better_on_the_check_part():
+    # Few noisy rows and the current weight is the truth: any fit overfits the noise of its part.
+    generator = torch.Generator().manual_seed(24)
+    features = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+    truth = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    target = features @ truth.T + 3.0 * torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    check = check_sequences(12, 0.5, seed=1)
+    fit_stats, check_stats = (
+        stats_of(features[~check], target[~check]),
+        stats_of(features[check], target[check]),
+    )
+    weight, report = solve_towards_current(fit_stats, check_stats, truth, (1e-4, 1e-3))
+    errors = [
+        direct_error(
+            features[check], explicit_ridge_towards(features[~check], target[~check], truth, s), target[check]
+        )
+        for s in (1e-4, 1e-3)
+    ]
+    assert min(errors) >= direct_error(features[check], truth, target[check])  # the case is what it claims
+    assert torch.equal(weight, truth) and report.strength is None and report.kept_current_weight
+    assert report.check_error_after == report.check_error_before
+    assert report.error_after == report.error_before
+
+
+def test_check_sequences_are_a_seeded_share_with_both_parts_non_empty():
+    check = check_sequences(100, 0.2, seed=5)
+    assert int(check.sum()) == 20 and torch.equal(check, check_sequences(100, 0.2, seed=5))
+    assert not torch.equal(check, check_sequences(100, 0.2, seed=6))
+    assert (
+        int(check_sequences(2, 0.01, seed=0).sum()) == 1 and int(check_sequences(2, 0.99, seed=0).sum()) == 1
+    )
+    with pytest.raises(ValueError, match="check fraction"):
+        check_sequences(10, 1.0, seed=0)
+
+
+def test_stats_of_two_parts_add_up_to_the_whole():
+    features, target = random_problem(25)
+    total = stats_of(features[:100], target[:100]) + stats_of(features[100:], target[100:])
+    whole = stats_of(features, target)
+    torch.testing.assert_close(total.gram, whole.gram)
+    torch.testing.assert_close(total.cross, whole.cross)
+    assert total.target_sq == pytest.approx(whole.target_sq) and total.num_rows == whole.num_rows
