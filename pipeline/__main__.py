@@ -15,8 +15,9 @@ from pathlib import Path
 import yaml
 
 from pipeline import store, tracking
+from pipeline.params import ParamsError
 from pipeline.prefect_api import prefect_api
-from pipeline.project import EXPORT, METRICS, load_params, start_stage
+from pipeline.project import EXPORT, METRICS, RESUME_HINT, fail, load_params, start_stage
 
 
 def dvc_lock_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -39,15 +40,22 @@ def stage_environment(run_id: str) -> dict[str, str]:
 
 
 def run(dvc_arguments: list[str]) -> int:
+    params = load_params()  # every section checked before dvc deletes any stage's outputs
     start_stage()
-    with prefect_api(), tracking.open_run("pipeline", load_params()) as pipeline_run:
+    with prefect_api(), tracking.open_run("pipeline", params) as pipeline_run:
         command = [sys.executable, "-m", "dvc", "repro", *dvc_arguments]
         print("running:", " ".join(command[1:]), flush=True)
-        result = subprocess.run(command, env=stage_environment(pipeline_run.run_id))
-        pipeline_run.set_tags(dvc_lock_tags())
-        if result.returncode != 0:
-            print(f"dvc repro failed (exit {result.returncode}); rerun to resume", file=sys.stderr)
-            raise SystemExit(result.returncode)
+        dvc = subprocess.Popen(command, env=stage_environment(pipeline_run.run_id))
+        try:
+            returncode = dvc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop cleanly
+            dvc.wait()
+            raise
+        finally:
+            pipeline_run.set_tags(dvc_lock_tags())
+        if returncode != 0:
+            print(f"dvc repro failed (exit {returncode}); rerun to resume", file=sys.stderr)
+            raise SystemExit(returncode)
         metrics = store.read_json(METRICS) if METRICS.is_file() else {}
         pipeline_run.log_metrics(metrics)
     print(summary(metrics, pipeline_run.run_id))
@@ -89,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="dvc repro inside one MLflow run")
     run_parser.add_argument("dvc_arguments", nargs=argparse.REMAINDER, help="passed on to dvc repro")
     args = parser.parse_args(argv)
-    return run(args.dvc_arguments)
+    try:
+        return run(args.dvc_arguments)
+    except ParamsError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail(f"interrupted; {RESUME_HINT}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ fingerprint of the run that wrote it, so a resumed run reuses exactly the files 
                         teacher_logits.arrow
                         targets_TT.arrow    the teacher's pre-LayerNorm residual sum at sublayer TT
     data/prune/iterations/TT/  knowledge.safetensors, mask.json, weight.safetensors, step.json (done)
+
+step.json is written last and lists the other three files with their size and checksum. A resumed run
+trusts an iteration only if all three match; a missing, truncated or changed file is recomputed with
+every file computed after it, in that iteration and all later ones (a warning names the file).
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import signal
+import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,16 +50,18 @@ from kprune.sample import MODEL_INPUTS, make_batches
 from kprune.sublayer import Sublayer, sublayers
 from kprune.tune import TuneReport
 from pipeline import store
+from pipeline.faults import kill_point
 from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, TEACHER
 from pipeline.task import dev_sets, load_task, window_options
 
 logger = logging.getLogger("pipeline.flows")
 
-# A crash-test hook: the prune stage kills itself (SIGKILL, no cleanup) once this iteration is on disk.
-KILL_AFTER_ITERATION_ENV = "KPRUNE_KILL_AFTER_ITERATION"
-
 # Part of every fingerprint: a new layout of the iteration files makes older ones another run's.
-ITERATION_FORMAT = 4
+ITERATION_FORMAT = 5  # 4: the default's step records (tuning strength, check errors); 5: file checksums
+
+# An iteration's files in the order they are computed (each from the ones before), and its record.
+STEP_FILES = ("knowledge.safetensors", "mask.json", "weight.safetensors")
+STEP_RECORD = "step.json"
 
 step = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 Batches = list[dict[str, torch.Tensor]]
@@ -168,14 +173,34 @@ def stored_fingerprint(path: Path) -> str | None:
             return store.read_json(path).get("fingerprint")
         if path.suffix == ".safetensors":
             return _safetensors_key(path)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, SafetensorError):
         return None
     return None
 
 
+def file_check(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": store.file_digest(path)}
+
+
+def damaged_file(folder: Path, files: dict) -> tuple[str, str] | None:
+    """(name, what is wrong) of the first of STEP_FILES that does not match its check in step.json."""
+    for name in STEP_FILES:
+        path, check = folder / name, files.get(name)
+        if check is None:
+            return name, "is not listed in step.json"
+        if not path.is_file():
+            return name, "is missing"
+        if path.stat().st_size != check["bytes"]:
+            return name, f"is {path.stat().st_size} bytes, step.json says {check['bytes']} (truncated?)"
+        if store.file_digest(path) != check["sha256"]:
+            return name, "does not match its checksum in step.json"
+    return None
+
+
 def load_step(t: int) -> StepRecord:
-    fields = store.read_json(iteration_dir(t) / "step.json")
+    fields = store.read_json(iteration_dir(t) / STEP_RECORD)
     fields.pop("fingerprint")
+    fields.pop("files")
     return StepRecord(**fields)
 
 
@@ -201,6 +226,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta
             str(temporary),
             metadata={"fingerprint": key, **metadata},
         )
+        kill_point(f"write:{path}")
 
 
 class IterationFiles(StepStore):
@@ -215,20 +241,44 @@ class IterationFiles(StepStore):
         return store.fingerprint(self.run_key, t)
 
     def finished(self) -> list[tuple[StepRecord, torch.Tensor, torch.Tensor | None]]:
-        """Deletes the files of other runs; the leading finished iterations of this one."""
+        """The leading finished iterations of this run whose files all match step.json. Deletes the files
+        of other runs, a damaged file and every file computed after it, and every iteration after the
+        first unfinished one."""
         keys = {self.key(t) for t in range(self.total)}
-        for path in sorted(ITERATIONS.glob("**/*")) if ITERATIONS.exists() else []:
-            if path.is_file() and stored_fingerprint(path) not in keys:
+        for path in sorted(ITERATIONS.glob("**/*")):
+            if path.is_file() and (key := stored_fingerprint(path)) not in keys:
+                if key is None and not path.name.startswith("."):  # not a killed write's temporary
+                    logger.warning("%s is unreadable (truncated?): recomputing it", path)
                 path.unlink()
-        for path in sorted(ITERATIONS.glob("*/"), reverse=True) if ITERATIONS.exists() else []:
+        count = 0
+        while count < self.total and self.verified(count):
+            count += 1
+        later = sorted(p for p in ITERATIONS.glob("*/") if p.name.isdigit() and int(p.name) > count)
+        if later:
+            names = ", ".join(path.name for path in later)
+            logger.warning("discarding iterations %s: they were computed after iteration %d", names, count)
+        for path in later:
+            shutil.rmtree(path)
+        for path in ITERATIONS.glob("*/"):
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-        count = 0
-        while count < self.total and stored_fingerprint(iteration_dir(count) / "step.json") == self.key(
-            count
-        ):
-            count += 1
         return [(load_step(t), *load_decision(t)) for t in range(count)]
+
+    def verified(self, t: int) -> bool:
+        """Whether iteration t is finished with every file intact; a damaged one loses that file and the
+        files computed after it (the earlier ones are intact and reused)."""
+        folder = iteration_dir(t)
+        if stored_fingerprint(folder / STEP_RECORD) != self.key(t):
+            return False
+        damage = damaged_file(folder, store.read_json(folder / STEP_RECORD).get("files", {}))
+        if damage is None:
+            return True
+        name, problem = damage
+        logger.warning("%s %s: recomputing iteration %d from it, and every later iteration", folder / name,
+                       problem, t)  # fmt: skip
+        for later in [*STEP_FILES[STEP_FILES.index(name) :], STEP_RECORD]:
+            (folder / later).unlink(missing_ok=True)
+        return False
 
     def knowledge(self, t, measure):
         return knowledge_task(t, self.key(t), measure)
@@ -254,6 +304,7 @@ def knowledge_task(t: int, key: str, measure) -> list[Knowledge]:
             for s in range(t, t + count)
         ]
     knowledge = measure()
+    kill_point(f"prune:knowledge:{t}")
     tensors = {}
     for s, known in enumerate(knowledge, start=t):
         tensors[f"predictive_{s}"], tensors[f"representational_{s}"] = (
@@ -282,6 +333,7 @@ def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
             report = handle.metadata()["report"]
         return load_file(str(path)).get("weight"), TuneReport(**json.loads(report))
     weight, report = tune()
+    kill_point(f"prune:tune:{t}")
     report_json = json.dumps(dataclasses.asdict(report))
     _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=report_json)
     return weight, report
@@ -289,11 +341,12 @@ def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
 
 @step(name="prune sublayer")
 def finish_task(t: int, key: str, record: StepRecord) -> None:
-    """Writes step.json, the mark of a finished iteration (the loop has pruned the sublayer)."""
-    store.write_json(iteration_dir(t) / "step.json", {"fingerprint": key, **dataclasses.asdict(record)})
-    kill_after = os.environ.get(KILL_AFTER_ITERATION_ENV)
-    if kill_after is not None and int(kill_after) == t:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Writes step.json, the mark of a finished iteration (the loop has pruned the sublayer), with the size
+    and checksum of each of the iteration's files."""
+    folder = iteration_dir(t)
+    files = {name: file_check(folder / name) for name in STEP_FILES}
+    store.write_json(folder / STEP_RECORD, {"fingerprint": key, "files": files, **dataclasses.asdict(record)})
+    kill_point(f"prune:finished:{t}")
 
 
 @flow(name="prune")

@@ -5,9 +5,12 @@ Stages run from the project root (DVC runs every command there), so all paths ar
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -46,14 +49,17 @@ def quiet_environment(root: Path | None = None) -> None:
 
 
 def load_params(section: str | None = None) -> dict:
+    """params.yaml, or one section of it, checked for unknown keys (pipeline.params)."""
+    from pipeline.params import ParamsError, check_params
+
     if not PARAMS_FILE.is_file():
-        raise FileNotFoundError(f"{PARAMS_FILE.resolve()} not found: run the pipeline from the project root")
-    params = yaml.safe_load(PARAMS_FILE.read_text()) or {}
-    if section is None:
-        return params
-    if section not in params:
-        raise KeyError(f"params.yaml has no section {section!r}")
-    return params[section]
+        raise ParamsError(f"{PARAMS_FILE.resolve()} not found: run the pipeline from the project root")
+    try:
+        params = yaml.safe_load(PARAMS_FILE.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ParamsError(f"params.yaml is not valid YAML: {error}".replace("\n", " ")) from error
+    check_params(params, None if section is None else [section])
+    return params if section is None else params[section]
 
 
 def setup_logging() -> None:
@@ -78,6 +84,52 @@ def start_stage() -> None:
     import datasets
 
     datasets.disable_progress_bars()  # per-shard bars of tiny writes; the stages draw their own
+
+
+RESUME_HINT = "resume with: python -m pipeline run (or dvc repro)"
+VERBOSE_ENV = "KPRUNE_VERBOSE"  # 1: a stage's one-line errors come with their traceback
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is 'no space left on device'."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "ENOSPC" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def fail(message: str) -> None:
+    if os.environ.get(VERBOSE_ENV) == "1":
+        traceback.print_exc()
+    print(f"pipeline: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def stage_main(stage: str, main: Callable[[], None], sections: tuple[str, ...]) -> None:
+    """Run a stage: its params.yaml sections checked first, then ``main``. A bad params.yaml, a full disk
+    and Ctrl-C end it with one line on stderr and exit 2 (KPRUNE_VERBOSE=1 adds the traceback); other
+    errors keep theirs."""
+    from pipeline.params import ParamsError
+
+    try:
+        for section in sections:
+            load_params(section)
+        main()
+    except ParamsError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail(f"stage {stage} interrupted; {RESUME_HINT}")
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        reason = str(error).splitlines()[0]
+        fail(
+            f"stage {stage}: disk full ({reason}); free some space and {RESUME_HINT}. Every output is "
+            "written under a temporary name first, so the last good ones are intact"
+        )
 
 
 def shipped_minilm_path() -> str:

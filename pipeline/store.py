@@ -1,5 +1,9 @@
 """What the stages persist: per-token tensors in Arrow, JSON manifests, fingerprints; all writes atomic.
 
+Every file is written under a temporary name beside its final one and renamed into place; a folder is
+written as a temporary sibling and swapped in as a whole (``atomic_folder``). A kill at any moment leaves
+the old version or the new one, never a mix; leftover temporaries are dot-files, removed by the next write.
+
 Per-token tensors (hidden states, residual sums) are stored without padding, one row per real token, in
 the order of the length-sorted sample (``kprune.sample.make_batches``), which does not depend on the batch
 size. They are read back one record batch at a time and scattered into padded batches.
@@ -8,6 +12,7 @@ size. They are read back one record batch at a time and scattered into padded ba
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -20,6 +25,8 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+
+from pipeline.faults import kill_point
 
 VALUES = "values"
 
@@ -41,9 +48,55 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(temporary)
 
 
+def remove_leftovers(path: Path) -> None:
+    """Temporaries of ``path`` that a killed earlier write left behind."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    return done == 0
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` that replaces the folder ``path`` as a whole if the block
+    finishes: readers (and a crash) see the old folder or the new one, never a mix of both."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield temporary
+        os.chmod(temporary, 0o755)  # mkdtemp makes it private; outputs are ordinary folders
+        kill_point(f"write:{path}")
+        if not path.exists():
+            os.replace(temporary, path)
+        elif not _exchange(temporary, path):  # elsewhere: a short moment without the folder
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            os.replace(path, old / path.name)
+            os.replace(temporary, path)
+            shutil.rmtree(old)
+    finally:  # after a swap, the temporary holds the old folder
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def write_json(path: str | Path, data) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        kill_point(f"write:{path}")
 
 
 def read_json(path: str | Path):
@@ -102,6 +155,7 @@ def write_tokens(
                 writer.close()
         if writer is None:
             raise ValueError(f"no batches to write to {path}")
+        kill_point(f"write:{path}")
     return rows
 
 
@@ -155,18 +209,9 @@ def read_tokens(path: str | Path, masks: Sequence[torch.Tensor], device="cpu") -
 
 
 def write_dataset(path: str | Path, table: datasets.Dataset) -> None:
-    """A ``datasets`` table as an Arrow folder (save_to_disk), replaced atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    """A ``datasets`` table as an Arrow folder (save_to_disk), replaced as a whole."""
+    with atomic_folder(path) as temporary:
         table.save_to_disk(str(temporary))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
 
 
 def write_table(path: str | Path, columns: dict[str, torch.Tensor]) -> None:

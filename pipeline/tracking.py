@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from pipeline.faults import kill_point
+
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "kprune"
@@ -94,11 +96,18 @@ class Run:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files one by one (a kill point halfway, for the crash tests)."""
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
+        if not path.is_dir():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        files = sorted(file for file in path.rglob("*") if file.is_file())
+        for index, file in enumerate(files):
+            if index == len(files) // 2:
+                kill_point(f"mlflow:{artifact_path}")
+            folder = file.parent.relative_to(path).as_posix()
+            within = "/".join(part for part in (artifact_path, folder) if part and part != ".")
+            self.client.log_artifact(self.run_id, str(file), within or None)
 
 
 def client():

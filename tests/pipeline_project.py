@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import yaml
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parents[1]
+SUBLAYERS = 4  # of the reference project's tiny model (2 layers)
 
 
 def make_project(project: Path) -> Path:
@@ -33,12 +35,19 @@ def commit(project: Path) -> None:
     run(project, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init")
 
 
-def run(project: Path, *command: str, env: dict | None = None, check: bool = True):
-    """Run ``command`` in ``project`` with this environment, plus ``env`` (a None value removes one)."""
-    environment = dict(os.environ, **(env or {}))
-    environment = {name: value for name, value in environment.items() if value is not None}
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
-    result = subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True)
+def environment(env: dict | None = None) -> dict[str, str]:
+    """This environment, plus ``env`` (a None value removes one), with this virtualenv first on PATH."""
+    merged = dict(os.environ, **(env or {}))
+    merged = {name: value for name, value in merged.items() if value is not None}
+    merged["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), merged["PATH"]])
+    return merged
+
+
+def run(project: Path, *command: str, env: dict | None = None, check: bool = True, **options):
+    """Run ``command`` in ``project`` in ``environment(env)``; ``options`` go to subprocess.run."""
+    result = subprocess.run(
+        command, cwd=project, env=environment(env), capture_output=True, text=True, **options
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
@@ -56,6 +65,18 @@ def stages_run(result) -> list[str]:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A project after one uninterrupted pipeline run, and that run's output."""
+
+    project: Path
+    result: subprocess.CompletedProcess
+
+    @property
+    def export_weights(self) -> str:
+        return digest(self.project / "data/export/pruned.safetensors")
 
 
 def set_param(project: Path, section: str, name: str, value) -> None:

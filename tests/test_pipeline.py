@@ -1,9 +1,11 @@
 """The DVC pipeline end to end on a tiny configuration: real `dvc repro`, real Prefect flows, real MLflow.
 
-One project (a git repo in a temporary folder with this checkout's dvc.yaml, params.yaml and pipeline/)
-goes through the scenarios in order: a clean run, a no-op rerun, a budget change, a kill -9 in the
-middle of pruning and its resume, and `dvc exp run -S`. The teacher is a tiny random BERT with MiniLM's
-tokenizer, fine-tuned for a few steps by the teacher stage on the embedded Rotten Tomatoes data.
+The session's reference project (conftest.py: a git repo in a temporary folder with this checkout's
+dvc.yaml, params.yaml and pipeline/, after one `python -m pipeline run`) is read by the tests that only
+look; each scenario that changes a project (a no-op rerun, a budget change, a bare `dvc repro`, a kill -9
+in the middle of pruning and its resume, `dvc exp run -S`) runs on its own copy, so the tests pass alone
+and in any order. The teacher is a tiny random BERT with MiniLM's tokenizer, fine-tuned for a few steps by
+the teacher stage on the embedded Rotten Tomatoes data.
 """
 
 from __future__ import annotations
@@ -11,51 +13,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
-from pipeline_project import (
-    commit,
-    digest,
-    dvc,
-    make_project,
-    run,
-    set_param,
-    stages_run,
-    tiny_base_model,
-)
+from pipeline_project import SUBLAYERS, digest, dvc, set_param, stages_run
 
 import kprune
 from kprune.models import load_model
 from kprune.sublayer import unit_counts
 from pipeline import store
-from pipeline.flows import KILL_AFTER_ITERATION_ENV
-from pipeline.prefect_api import SERVER_MODULE, prefect_api
-
-SUBLAYERS = 4  # the tiny model has 2 layers
+from pipeline.faults import KILL_AT_ENV
+from pipeline.prefect_api import SERVER_MODULE
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Iterator[Path]:
-    project = make_project(tmp_path_factory.mktemp("project"))
-    base = tiny_base_model(tmp_path_factory.mktemp("base"), layers=SUBLAYERS // 2)
-    set_param(project, "teacher", "base", str(base))
-    set_param(project, "teacher", "epochs", 0.05)
-    set_param(project, "data", "sample_tokens", 2000)
-    set_param(project, "evaluate", "latency_repeats", 2)
-    commit(project)
-    # One Prefect server for the module (as `python -m pipeline run` does for a whole dvc repro); it sets
-    # PREFECT_API_URL, which the stages inherit.
-    with prefect_api(tmp_path_factory.mktemp("prefect")):
-        yield project
 
 
 def wait_until(condition, seconds: float) -> bool:
@@ -79,28 +53,29 @@ def servers_of(project: Path) -> list[psutil.Process]:
     return servers
 
 
-def test_repro_runs_every_stage_then_nothing(project):
-    first = run(project, sys.executable, "-m", "pipeline", "run")
+def test_repro_runs_every_stage_then_nothing(reference, workspace):
+    first = reference.result
     assert stages_run(first) == ["prepare", "teacher", "calibrate", "prune", "evaluate", "export"]
     assert "pipeline finished" in first.stdout and "pruned model:" in first.stdout
     # one log line per prune iteration, with its figures
     assert sum("INFO kprune.iterate: iteration" in line for line in first.stderr.splitlines()) == SUBLAYERS
 
-    metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
+    metrics = json.loads((reference.project / "data/evaluate/metrics.json").read_text())
     assert metrics["flops_keep"] == 0.5 and metrics["flops_kept"] <= 0.5
     assert 0 <= metrics["teacher_accuracy"] <= 1 and 0 <= metrics["pruned_accuracy"] <= 1
-    model = kprune.load_pruned(project / "data/export")
+    model = kprune.load_pruned(reference.project / "data/export")
     heads, neurons = unit_counts(model)
     assert sum(heads) + sum(neurons) < 2 * (4 + 48)
 
-    second = dvc(project, "repro")
+    second = dvc(workspace, "repro")
     assert stages_run(second) == []
     assert "Data and pipelines are up to date" in second.stdout
 
 
-def test_the_exported_model_is_bit_identical_to_kprune_prune(project):
+def test_the_exported_model_is_bit_identical_to_kprune_prune(reference):
     """The pipeline runs the library's loop: on the same teacher, sample and params, `dvc repro`'s
     exported model and one `kprune.prune` call agree to the last bit."""
+    project = reference.project
     params = yaml.safe_load((project / "params.yaml").read_text())["prune"]
     config = kprune.KPruneConfig(**{name: value for name, value in params.items() if name != "device"})
     teacher, _ = load_model(str(project / "data/teacher"), torch.device("cpu"))
@@ -117,14 +92,16 @@ def test_the_exported_model_is_bit_identical_to_kprune_prune(project):
         assert torch.equal(value, expected[name]), name
 
 
-def test_budget_change_reruns_only_prune_and_after(project):
+def test_budget_change_reruns_only_prune_and_after(workspace):
+    project = workspace
     set_param(project, "prune", "flops_keep", 0.3)
     result = dvc(project, "repro")
     assert stages_run(result) == ["prune", "evaluate", "export"]
     assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_kept"] <= 0.3
 
 
-def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(project):
+def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(workspace):
+    project = workspace
     """`dvc repro` alone (no PREFECT_API_URL): the flow stages share one local server, which ends with dvc."""
     result = dvc(project, "repro", "--force", "--downstream", "calibrate", env={"PREFECT_API_URL": None})
     assert stages_run(result) == ["calibrate", "prune", "evaluate", "export"]
@@ -136,11 +113,13 @@ def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(projec
     assert wait_until(lambda: not servers_of(project), seconds=10)
 
 
-def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
-    straight_export = digest(project / "data/export/pruned.safetensors")
+def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(reference, workspace):
+    project = workspace
     shutil.rmtree(project / "data/prune/iterations")  # forget the finished run: prune starts over
     # A bare dvc repro: the server its stage starts must not outlive the dvc run of the killed stage.
-    killed = dvc(project, "repro", env={KILL_AFTER_ITERATION_ENV: "1", "PREFECT_API_URL": None}, check=False)
+    killed = dvc(
+        project, "repro", env={KILL_AT_ENV: "prune:finished:1", "PREFECT_API_URL": None}, check=False
+    )
     assert killed.returncode != 0
     assert wait_until(lambda: not servers_of(project), seconds=10)
     iterations = project / "data/prune/iterations"
@@ -152,10 +131,11 @@ def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
     assert "resuming at iteration 2 of 4" in resumed.stderr
     assert {path: path.stat().st_mtime_ns for path in iterations.glob("0[01]/*")} == finished  # not redone
     assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00", "01", "02", "03"]
-    assert digest(project / "data/export/pruned.safetensors") == straight_export
+    assert digest(project / "data/export/pruned.safetensors") == reference.export_weights
 
 
-def test_experiment_on_the_budget(project):
+def test_experiment_on_the_budget(workspace):
+    project = workspace
     result = dvc(project, "exp", "run", "-S", "prune.flops_keep=0.4")
     assert stages_run(result) == ["prune", "evaluate", "export"]
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
@@ -163,10 +143,10 @@ def test_experiment_on_the_budget(project):
     assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_keep"] == 0.4
 
 
-def test_mlflow_holds_the_runs_with_per_iteration_metrics(project):
+def test_mlflow_holds_the_runs_with_per_iteration_metrics(reference):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{reference.project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("kprune")
     runs = client.search_runs([experiment.experiment_id])
     pipeline_runs = [run for run in runs if run.info.run_name == "pipeline"]

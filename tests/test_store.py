@@ -89,3 +89,44 @@ def test_fingerprints_are_stable_and_tell_inputs_apart(tmp_path):
     before = store.folder_digest(tmp_path)
     (tmp_path / "f").write_text("two")
     assert store.folder_digest(tmp_path) != before
+
+
+def test_an_iteration_file_is_checked_by_size_and_checksum(tmp_path):
+    from pipeline.flows import STEP_FILES, damaged_file, file_check
+
+    for name in STEP_FILES:
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    checks = {name: file_check(tmp_path / name) for name in STEP_FILES}
+    assert damaged_file(tmp_path, checks) is None
+
+    weight = tmp_path / "weight.safetensors"
+    intact = weight.read_bytes()
+    weight.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))  # same size, one bit changed
+    assert damaged_file(tmp_path, checks) == (
+        "weight.safetensors",
+        "does not match its checksum in step.json",
+    )
+    weight.write_bytes(intact[:7])
+    assert damaged_file(tmp_path, checks) == (
+        "weight.safetensors",
+        f"is 7 bytes, step.json says {len(intact)} (truncated?)",
+    )
+    (tmp_path / "mask.json").unlink()  # the first damaged file in computing order is named
+    assert damaged_file(tmp_path, checks) == ("mask.json", "is missing")
+    assert damaged_file(tmp_path, {}) == ("knowledge.safetensors", "is not listed in step.json")
+
+
+def test_a_folder_is_replaced_as_a_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with store.atomic_folder(target) as folder:
+        (folder / "weights").write_text("old")
+        (folder / "config").write_text("old")
+    with pytest.raises(RuntimeError), store.atomic_folder(target) as folder:
+        (folder / "weights").write_text("new")
+        raise RuntimeError("killed before the config is written")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"weights": "old", "config": "old"}
+    (tmp_path / ".model.leftover.tmp").mkdir()  # a killed write's temporary
+    with store.atomic_folder(target) as folder:
+        (folder / "weights").write_text("new")
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"weights": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

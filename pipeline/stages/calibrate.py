@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline import tracking
 from pipeline.prefect_api import prefect_api
-from pipeline.project import load_params, start_stage
+from pipeline.project import load_params, stage_main, start_stage
 
 
 def main() -> None:
@@ -30,4 +30,4 @@ def run_stage() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("calibrate", main, ("calibrate",))

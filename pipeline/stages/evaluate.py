@@ -12,7 +12,7 @@ import logging
 
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
-from pipeline.project import EVALUATION, METRICS, RECORD, load_params, start_stage
+from pipeline.project import EVALUATION, METRICS, RECORD, load_params, stage_main, start_stage
 
 logger = logging.getLogger("pipeline.evaluate")
 
@@ -76,7 +76,8 @@ def save_figures(layers: list[dict], iterations: list[dict]) -> None:
     )
     right.legend()
     figure.tight_layout()
-    figure.savefig(EVALUATION / "pruning.png", dpi=100)
+    with store.atomic_path(EVALUATION / "pruning.png") as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -105,4 +106,4 @@ def run_stage() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("evaluate", main, ("evaluate", "prune"))

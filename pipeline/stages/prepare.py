@@ -19,7 +19,7 @@ import transformers
 from kprune.arch import QUESTION_ANSWERING, REGRESSION
 from kprune.data import average_token_length, calibration_sample, tokenize
 from pipeline import store, tracking
-from pipeline.project import PREPARED, load_params, resolve_model_name, start_stage
+from pipeline.project import PREPARED, load_params, resolve_model_name, stage_main, start_stage
 from pipeline.task import load_splits, save_dev_examples, save_task, task_from_params, window_from_params
 
 logger = logging.getLogger("pipeline.prepare")
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("prepare", main, ("data", "teacher"))

@@ -14,7 +14,7 @@ from kprune.config import KPruneConfig
 from kprune.sample import resolve_seq_len
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
-from pipeline.project import PREPARED, RECORD, load_params, start_stage
+from pipeline.project import PREPARED, RECORD, load_params, stage_main, start_stage
 
 
 def sequence_length(seq_len, info: dict) -> float | None:
@@ -58,4 +58,4 @@ def run_stage() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("prune", main, ("prune",))

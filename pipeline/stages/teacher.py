@@ -18,7 +18,7 @@ from kprune.evaluate import evaluate_model
 from kprune.models import load_model, resolve_device
 from pipeline import store, tracking
 from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, start_stage
+from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, stage_main, start_stage
 from pipeline.task import dev_sets, load_task, read_train, window_options
 
 logger = logging.getLogger("pipeline.teacher")
@@ -75,14 +75,15 @@ def main() -> None:
         metrics = evaluate_model(model, dev, device=device)
         figures.update(seconds=time.perf_counter() - started, dev=metrics)
         logger.info("teacher on dev %s: %s (%.0f s)", split, metrics, figures["seconds"])
-        model.save_pretrained(TEACHER)
-        tokenizer.save_pretrained(TEACHER)
-        store.write_json(
-            TEACHER / "teacher.json", {"source": teacher["model"], "base": teacher["base"], **figures}
-        )
+        with store.atomic_folder(TEACHER) as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            store.write_json(
+                folder / "teacher.json", {"source": teacher["model"], "base": teacher["base"], **figures}
+            )
         run.log_metrics({f"teacher_dev_{name}": value for name, value in metrics.items()})
         run.log_metrics({"teacher_seconds": figures["seconds"]})
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("teacher", main, ("teacher",))
