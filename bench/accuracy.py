@@ -299,6 +299,10 @@ def one_run(
             agree = predict(result.model, ood, batch_size, DEVICE).argmax(-1) == ood_teacher
             run["ood_agreement"] = float(agree.double().mean())
         vectors[(name, budget, seed)] = (correct, agree)
+        # Per-row outcomes as 0/1 strings, so runs of separate invocations can still be paired.
+        for key, vector in (("correct_rows", correct), ("ood_agree_rows", agree)):
+            if vector is not None:
+                run[key] = "".join("1" if value else "0" for value in vector.tolist())
     except Exception as error:  # one failed run must not lose a sweep of hours
         traceback.print_exc()
         run.update(seconds=time.perf_counter() - started, error=f"{type(error).__name__}: {error}")
