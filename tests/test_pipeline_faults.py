@@ -128,10 +128,22 @@ def test_sigkill_during_the_exports_write_and_during_the_mlflow_write(reference,
 
     killed(workspace, "mlflow:pruned-model", "--force", "--single-item", "export")
     assert_same_model(workspace, reference)  # swapped in before it is logged; the leftover is gone
+    # the MLflow runs of the export stage: the reference's, the first killed one (marked KILLED when the
+    # next export started), the one killed while logging (its process is gone, nobody has looked yet)
+    assert export_run_statuses(workspace) == ["FINISHED", "KILLED", "RUNNING"]
 
     resumed = dvc(workspace, "repro")
     assert stages_run(resumed) == []  # the folder matches dvc.lock: nothing to redo
     assert_same_model(workspace, reference)
+
+
+def export_run_statuses(project: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("kprune").experiment_id
+    runs = client.search_runs([experiment], "tags.`kprune.stage` = 'export'", order_by=["start_time ASC"])
+    return [run.info.status for run in runs]
 
 
 # ---------------------------------------------------------------- damaged iteration files
