@@ -9,6 +9,7 @@ SIGKILLs itself, KPRUNE_INTERRUPT_AT where it sends SIGINT to its process group,
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,12 @@ def test_sigkill_during_calibrate(reference, workspace):
     assert_same_model(workspace, reference)
 
 
+def terminal_sigint() -> None:
+    """SIGINT as at a terminal: a test run in the background inherits it ignored, and so would every
+    process under it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_and_sigkills_during_pruning(reference, workspace):
     """One prune stopped three times, each next run resuming where the last stopped: Ctrl-C in
     `python -m pipeline run` while iteration 1 measures knowledge (one line, exit 2), kill -9 while
@@ -92,6 +99,7 @@ def test_ctrl_c_and_sigkills_during_pruning(reference, workspace):
         env={INTERRUPT_AT_ENV: "prune:knowledge:1"},
         check=False,
         start_new_session=True,  # Ctrl-C reaches the whole process group: ours, not pytest's
+        preexec_fn=terminal_sigint,
     )
     assert interrupted.returncode == 2, interrupted.stdout + interrupted.stderr
     assert "Traceback" not in interrupted.stderr
