@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pipeline_project import SUBLAYERS, digest, dvc, run, stages_run
 
@@ -170,10 +171,10 @@ def truncate(path: Path) -> None:
     ],
     ids=["truncated-weight", "truncated-mask", "deleted-in-the-middle"],
 )
-def test_a_damaged_iteration_is_recomputed_with_every_later_one(reference, workspace, damage, file,
-                                                                 resumes_at, message):  # fmt: skip
-    """The prune stage finds the damage, recomputes from it and writes the reference run's files again
-    (the export is a function of the teacher and these files, see the tests above)."""
+def test_a_damaged_iteration_is_recomputed_with_every_later_one(reference, workspace, monkeypatch, damage,
+                                                                 file, resumes_at, message):  # fmt: skip
+    """The prune stage finds the damage, recomputes from it and writes the reference run's files again;
+    the model the export stage builds from them is the reference's exported model."""
     damage(workspace / ITERATIONS / file)
     resumed = dvc(workspace, "repro", "prune")
     assert stages_run(resumed) == ["prune"]
@@ -183,6 +184,14 @@ def test_a_damaged_iteration_is_recomputed_with_every_later_one(reference, works
     if resumes_at < SUBLAYERS - 1:
         assert any("discarding iterations" in line for line in warnings), warnings
     assert_same_iterations(workspace, reference)
+
+    from pipeline.flows import load_teacher, pruned_student
+
+    monkeypatch.chdir(workspace)  # the stages' paths are relative to the project
+    rebuilt = pruned_student(load_teacher("cpu")).state_dict()
+    exported = kprune.load_pruned(reference.project / "data/export").state_dict()
+    assert rebuilt.keys() == exported.keys()
+    assert all(torch.equal(rebuilt[name], value) for name, value in exported.items())
 
 
 # ---------------------------------------------------------------- bad params, Ctrl-C, a full disk
