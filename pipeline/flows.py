@@ -161,9 +161,14 @@ def iteration_dir(t: int) -> Path:
     return ITERATIONS / f"{t:02d}"
 
 
-def _safetensors_key(path: Path) -> str | None:
+# A safetensors file keeps its metadata in a hash map, written in an order that changes from process to
+# process: ours is one entry, a JSON text with sorted keys, so the same content gives the same bytes.
+METADATA_KEY = "kprune"
+
+
+def safetensors_metadata(path: Path) -> dict:
     with safe_open(str(path), "pt") as handle:
-        return (handle.metadata() or {}).get("fingerprint")
+        return json.loads((handle.metadata() or {})[METADATA_KEY])
 
 
 def stored_fingerprint(path: Path) -> str | None:
@@ -172,7 +177,7 @@ def stored_fingerprint(path: Path) -> str | None:
         if path.suffix == ".json":
             return store.read_json(path).get("fingerprint")
         if path.suffix == ".safetensors":
-            return _safetensors_key(path)
+            return safetensors_metadata(path).get("fingerprint")
     except (OSError, ValueError, KeyError, SafetensorError):
         return None
     return None
@@ -219,12 +224,12 @@ def apply_iterations(model: nn.Module, count: int) -> nn.Module:
     return model
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, **metadata: str) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, **metadata) -> None:
     with store.atomic_path(path) as temporary:
         save_file(
             {name: value.contiguous().cpu() for name, value in tensors.items()},
             str(temporary),
-            metadata={"fingerprint": key, **metadata},
+            metadata={METADATA_KEY: json.dumps({"fingerprint": key, **metadata}, sort_keys=True)},
         )
         kill_point(f"write:{path}")
 
@@ -329,13 +334,11 @@ def mask_task(t: int, key: str, search) -> torch.Tensor:
 def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
     path = iteration_dir(t) / "weight.safetensors"
     if stored_fingerprint(path) == key:
-        with safe_open(str(path), "pt") as handle:
-            report = handle.metadata()["report"]
-        return load_file(str(path)).get("weight"), TuneReport(**json.loads(report))
+        report = safetensors_metadata(path)["report"]
+        return load_file(str(path)).get("weight"), TuneReport(**report)
     weight, report = tune()
     kill_point(f"prune:tune:{t}")
-    report_json = json.dumps(dataclasses.asdict(report))
-    _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=report_json)
+    _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=dataclasses.asdict(report))
     return weight, report
 
 

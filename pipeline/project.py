@@ -121,6 +121,10 @@ def stage_main(stage: str, main: Callable[[], None], sections: tuple[str, ...]) 
     except ParamsError as error:
         fail(str(error))
     except KeyboardInterrupt:
+        from pipeline.tracking import PARENT_RUN_ENV
+
+        if os.environ.get(PARENT_RUN_ENV):  # Ctrl-C reached `python -m pipeline run` too: it says so
+            raise SystemExit(2) from None
         fail(f"stage {stage} interrupted; {RESUME_HINT}")
     except Exception as error:
         if not disk_full(error):

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "kprune"
 PARENT_RUN_ENV = "KPRUNE_MLFLOW_PARENT_RUN_ID"
+PROCESS_TAG, HOST_TAG = "kprune.pid", "kprune.host"  # which process runs it: a killed one's run is found
 _MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch call
 
 
@@ -133,7 +135,10 @@ def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None
     commit = git_commit()
     if commit:
         tags["git.commit"] = commit
-    created = mlflow_client.create_run(experiment_id(mlflow_client), run_name=name, tags=tags)
+    tags.update({PROCESS_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+    experiment = experiment_id(mlflow_client)
+    mark_killed_runs(mlflow_client, experiment, name)
+    created = mlflow_client.create_run(experiment, run_name=name, tags=tags)
     run = Run(mlflow_client, created.info.run_id)
     if params:
         run.log_params(params)
@@ -146,6 +151,29 @@ def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None
         run.log_metrics({"peak_rss_mb": peak})
         logger.info("%s: peak memory %.0f MB", name, peak)
         mlflow_client.set_terminated(run.run_id, status)
+
+
+def mark_killed_runs(mlflow_client, experiment: str, name: str) -> None:
+    """Runs of stage ``name`` left RUNNING by a process of this host that is gone (a kill -9 gives it no
+    time to end its run) are marked KILLED."""
+    query = f"tags.`kprune.stage` = '{name}' and attributes.status = 'RUNNING'"
+    for run in mlflow_client.search_runs([experiment], filter_string=query):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == socket.gethostname() and not process_alive(int(tags.get(PROCESS_TAG, 0))):
+            mlflow_client.set_terminated(run.info.run_id, "KILLED")
+            logger.info("MLflow run %s of a killed %s stage marked KILLED", run.info.run_id, name)
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def peak_rss_mb() -> float:
