@@ -231,9 +231,23 @@ def _check_job(source: str, job: Job, metric: str | None) -> None:
         raise _fail(source, _where(job.name, "teacher.base"), "teacher.model finetune needs a base model")
 
 
+PATH_FIELDS = {"teacher": ("model", "base"), "data": ("train", "dev", "hub_dataset")}
+
+
+def _absolute(sections: dict) -> dict:
+    """Local files and folders named relative to the working directory, made absolute: a worker of a
+    cluster runs elsewhere (a hub id, which names no local path, stays as it is)."""
+    for section, names in PATH_FIELDS.items():
+        for name in names:
+            value = sections[section].get(name)
+            if isinstance(value, str) and Path(value).exists():
+                sections[section][name] = str(Path(value).resolve())
+    return sections
+
+
 def _build(source: str, fields: dict, defaults: dict, params: dict) -> Job:
     layered = {**defaults, **fields}
-    sections = _merged(params, defaults, fields)
+    sections = _absolute(_merged(params, defaults, fields))
     layered.setdefault("method", "kprune")
     layered.setdefault("budgets", (float(params["prune"]["flops_keep"]),))
     name = layered.get("name") or _default_name(layered, sections)
