@@ -131,3 +131,13 @@ def test_selection_marks_per_model_the_smallest_flops_within_the_drop():
         (row["model"], row["flops_kept"]) for row in select(table, Selection(None, 1.0)) if row["selected"]
     ]
     assert chosen == [("a", 0.5), ("b", 0.5)]
+
+
+def test_the_example_jobs_file_is_the_embedded_default_at_two_budgets_and_both_methods():
+    from pipeline.jobs import read_jobs
+
+    jobs = read_jobs(ROOT / "examples/batch-default.yaml", PARAMS)
+    assert sorted(job.method for job in jobs.jobs) == ["kprune", "kwon"]
+    assert all(job.budgets == (0.4, 0.6) and job.data == PARAMS["data"] for job in jobs.jobs)
+    assert all(job.teacher == PARAMS["teacher"] for job in jobs.jobs)
+    assert jobs.select.metric == "accuracy" and jobs.name == "batch-default"
