@@ -361,6 +361,7 @@ def run_jobs_flow(jobs: JobsFile, root: str, threads: int | None, quiet: bool = 
     from pipeline.summary import job_line, summary_row
 
     runs = submit_jobs(jobs, Path(root), threads)
+    metric = jobs.select.metric if jobs.select else None  # else each task's main metric
     rows = []
     with tqdm(total=len(runs), desc="batch jobs", unit="job", disable=quiet) as bar:
 
@@ -368,7 +369,7 @@ def run_jobs_flow(jobs: JobsFile, root: str, threads: int | None, quiet: bool = 
             bar.write(f"start  {run.job.label(run.budget)}: {run.job.method} at {run.budget:g} of the FLOPs")
 
         def on_finish(run: JobRun) -> None:
-            rows.append(summary_row(run.job, run.budget, run.outcome))
+            rows.append(summary_row(run.job, run.budget, run.outcome, metric))
             bar.write(job_line(rows[-1]))
             bar.update()
 
@@ -432,13 +433,3 @@ def batch_flow(
         parent.log_metrics({"jobs": len(rows), "failed": result["failed"], "seconds": result["seconds"]})
         parent.log_artifacts(out_dir / "summary.json", "summary")
     return result
-
-
-def run_batch(jobs_file: str, **options) -> dict:
-    """batch_flow with a Prefect API: PREFECT_API_URL's server, else a local one for this process."""
-    from pipeline.prefect_api import prefect_api
-    from pipeline.project import setup_logging
-
-    setup_logging()
-    with prefect_api():
-        return batch_flow(jobs_file, **options)
