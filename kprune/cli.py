@@ -390,7 +390,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo_parser)
     demo_parser.set_defaults(run=run_demo)
+    _add_batch_commands(commands)
     return parser
+
+
+BATCH_STORE_HELP = (
+    "folder of the stages' outputs, each in a sub-folder named by the fingerprint of its inputs, shared "
+    "by every batch that points at it (default data/batch). On a cluster of several machines it must be "
+    "a folder every worker reaches (a shared filesystem)"
+)
+
+
+def _add_batch_options(parser: argparse.ArgumentParser, jobs_required: bool = True) -> None:
+    parser.add_argument(
+        "jobs",
+        nargs=None if jobs_required else "?",
+        metavar="JOBS_YAML",
+        help="the jobs file (see examples/batch-default.yaml)",
+    )
+    parser.add_argument("--store", default="data/batch", metavar="DIR", help=BATCH_STORE_HELP)
+    parser.add_argument(
+        "--out", metavar="DIR", help="summary.csv/json, pareto.png, selected/ (default STORE/results/NAME)"
+    )
+    parser.add_argument(
+        "--runner",
+        choices=("local", "dask"),
+        default="local",
+        help="local (default): this machine, --workers processes; dask: a distributed.LocalCluster of "
+        "--workers processes of one thread each, or the cluster at --scheduler",
+    )
+    parser.add_argument(
+        "--workers",
+        type=POSITIVE_INT,
+        default=1,
+        metavar="N",
+        help="jobs at a time (default 1); torch's threads are split among them",
+    )
+    parser.add_argument(
+        "--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask cluster (with --runner dask)"
+    )
+    parser.add_argument(
+        "--params", default="params.yaml", metavar="FILE", help="the defaults of every job (params.yaml)"
+    )
+
+
+def _add_batch_commands(commands) -> None:
+    batch_parser = commands.add_parser(
+        "batch",
+        help="prune many (model, data, method, budget) jobs as one Prefect flow sharing cached stages",
+        description="Run a jobs file: every job is params.yaml with overrides (teacher, data, method "
+        "kprune/kwon/magnitude, budgets); a matrix: form multiplies models x data x methods. The "
+        "pipeline's stages run as Prefect tasks; their outputs are kept in the store, so one prepare, "
+        "teacher and calibrate serve every budget and method of a (teacher, data, sample), a second run "
+        "does no work and an interrupted one resumes. A failed job is reported with its error and does "
+        "not stop the others; the exit code is 1 if any failed. Prints a summary table and writes it "
+        "as CSV and JSON with a Pareto plot; MLflow: one run for the batch, one nested run per job. "
+        "Budgets are fractions of the encoder's FLOPs the pruned model KEEPS (0.4 keeps 40%%).",
+        epilog="examples: kprune batch examples/batch-default.yaml; "
+        "kprune batch jobs.yaml --runner dask --workers 2; "
+        "kprune batch jobs.yaml --runner dask --scheduler tcp://10.0.0.5:8786 --store /shared/kprune",
+    )
+    _add_batch_options(batch_parser)
+    batch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch_parser.set_defaults(run=run_batch, verbose=False)
+
+    schedule_parser = commands.add_parser(
+        "schedule",
+        help="run a jobs file on a cron schedule (a Prefect deployment)",
+        description="Serve a Prefect deployment of 'kprune batch JOBS_YAML' on a cron schedule, until "
+        "stopped (Ctrl-C). It needs a running Prefect server: start one with 'prefect server start' "
+        "(loopback, port 4200) and set PREFECT_API_URL=http://127.0.0.1:4200/api. --list and --remove "
+        "show and delete this project's deployments.",
+        epilog='example: kprune schedule jobs.yaml --cron "0 2 * * *" --timezone Europe/Berlin',
+    )
+    _add_batch_options(schedule_parser, jobs_required=False)
+    schedule_parser.add_argument("--cron", metavar="EXPR", help='cron expression, e.g. "0 2 * * *"')
+    schedule_parser.add_argument(
+        "--timezone", default="UTC", metavar="TZ", help="of the cron expression (default UTC)"
+    )
+    schedule_parser.add_argument("--name", metavar="NAME", help="deployment name (default: the jobs file's)")
+    schedule_parser.add_argument("--list", action="store_true", help="list this project's deployments")
+    schedule_parser.add_argument("--remove", metavar="NAME", help="delete the deployment NAME")
+    schedule_parser.set_defaults(run=run_schedule, verbose=False, quiet=False)
 
 
 # ---------------------------------------------------------------- commands
@@ -530,6 +611,57 @@ def run_demo(args: argparse.Namespace) -> None:
         f"total {result.seconds:.1f} s\n"
         f"saved to {Path(result.out_dir).resolve()} (load with kprune.load_pruned)"
     )
+
+
+def _batch_options(args: argparse.Namespace) -> dict:
+    """The batch flow's options; the jobs file is read and checked here, before any work."""
+    import yaml
+
+    from pipeline.jobs import read_jobs
+    from pipeline.project import quiet_environment
+
+    if args.scheduler and args.runner != "dask":
+        raise ValueError("--scheduler names a Dask cluster: give --runner dask with it")
+    params_file = Path(args.params)
+    if not params_file.is_file():
+        raise FileNotFoundError(
+            f"--params {params_file} not found: run from the project root or give --params"
+        )
+    read_jobs(args.jobs, yaml.safe_load(params_file.read_text()))
+    quiet_environment(batch=True)
+    options = {"store_dir": args.store, "out": args.out, "runner": args.runner, "workers": args.workers}
+    return {**options, "scheduler": args.scheduler, "params_file": str(params_file)}
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    from pipeline.prefect_api import prefect_api
+
+    options = _batch_options(args)
+    with prefect_api(preload="pipeline.batch"):  # Prefect reads its settings on import
+        from pipeline.batch import batch_flow
+        from pipeline.summary import table
+
+        result = batch_flow(args.jobs, **options, quiet=args.quiet)
+    print(table(result["rows"]))
+    print(f"summary: {result['out']}/summary.csv, summary.json, pareto.png")
+    if result["failed"]:
+        print(f"{result['failed']} of {len(result['rows'])} jobs failed", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def run_schedule(args: argparse.Namespace) -> None:
+    from pipeline import schedule
+
+    if args.list:
+        print(schedule.list_deployments())
+        return
+    if args.remove:
+        schedule.remove_deployment(args.remove)
+        print(f"deployment {args.remove} removed")
+        return
+    if args.jobs is None or args.cron is None:
+        raise ValueError("give the jobs file and --cron (or --list, or --remove NAME)")
+    schedule.serve(args.jobs, args.cron, args.timezone, args.name, _batch_options(args))
 
 
 # ---------------------------------------------------------------- entry point

@@ -17,7 +17,9 @@ import yaml
 from pipeline import store, tracking
 from pipeline.params import ParamsError
 from pipeline.prefect_api import prefect_api
-from pipeline.project import EXPORT, METRICS, RESUME_HINT, fail, load_params, start_stage
+from pipeline.project import EXPORT, PIPELINE_FOLDERS, RESUME_HINT, fail, load_params, start_stage
+
+METRICS = PIPELINE_FOLDERS.metrics
 
 
 def dvc_lock_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer
 from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.evaluate import EvalSet, evaluate_model
+from kprune.io import load_pruned
 from kprune.iterate import StepStore, TeacherStream, iterate
 from kprune.knowledge import Knowledge
 from kprune.models import load_model, model_batch, resolve_device
@@ -51,7 +52,7 @@ from kprune.sublayer import Sublayer, sublayers
 from kprune.tune import TuneReport
 from pipeline import store
 from pipeline.faults import kill_point
-from pipeline.project import CALIBRATION, ITERATIONS, PREPARED, TEACHER
+from pipeline.project import PIPELINE_FOLDERS, Folders
 from pipeline.task import dev_sets, load_task, window_options
 
 logger = logging.getLogger("pipeline.flows")
@@ -70,13 +71,15 @@ Batches = list[dict[str, torch.Tensor]]
 # ---------------------------------------------------------------- shared inputs
 
 
-def load_teacher(device: torch.device) -> nn.Module:
-    model, _ = load_model(str(TEACHER), device)
+def load_teacher(device: torch.device, folders: Folders = PIPELINE_FOLDERS) -> nn.Module:
+    model, _ = load_model(str(folders.teacher), device)
     return model.requires_grad_(False)
 
 
-def sample_batches(model: nn.Module, batch_size: int, device: torch.device) -> Batches:
-    sample = store.read_table(PREPARED / "sample")
+def sample_batches(
+    model: nn.Module, batch_size: int, device: torch.device, folders: Folders = PIPELINE_FOLDERS
+) -> Batches:
+    sample = store.read_table(folders.prepared / "sample")
     sample.pop("label", None)
     return [model_batch(model, batch) for batch in make_batches(sample, batch_size, device)]
 
@@ -96,69 +99,74 @@ def logit_masks(task_kind: str, batches: Batches) -> list[torch.Tensor]:
 
 
 @flow(name="calibrate")
-def calibrate_flow(batch_size: int, device: str = "auto") -> dict:
+def calibrate_flow(batch_size: int, device: str = "auto", folders: Folders = PIPELINE_FOLDERS) -> dict:
     """Run the teacher once over the sample; persist its soft labels and per-sublayer targets, each
     written batch by batch as the teacher streams them."""
     device = resolve_device(device)
-    teacher = load_teacher(device)
-    batches = sample_batches(teacher, batch_size, device)
-    CALIBRATION.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(device, folders)
+    batches = sample_batches(teacher, batch_size, device, folders)
+    calibration = folders.calibration
+    calibration.mkdir(parents=True, exist_ok=True)
     stream = TeacherStream(teacher, batches)
-    write_teacher_outputs(stream, batches, task_of(teacher))
+    write_teacher_outputs(stream, batches, task_of(teacher), calibration)
     total = len(sublayers(teacher))
     for t in tqdm(range(total), desc="calibrate sublayers"):
         started = time.perf_counter()
-        write_targets(stream, t, batches)
+        write_targets(stream, t, batches, calibration)
         logger.info(
             "calibrate sublayer %d/%d: targets written in %.1fs", t, total, time.perf_counter() - started
         )
     lengths = torch.cat([mask.sum(1) for mask in token_masks(batches)]).double()
     manifest = {
-        "teacher": store.folder_digest(TEACHER),
-        "sample": store.folder_digest(PREPARED / "sample"),
+        "teacher": store.folder_digest(folders.teacher),
+        "sample": store.folder_digest(folders.prepared / "sample"),
         "task": task_of(teacher),
         "sublayers": total,
         "sequences": len(lengths),
         "tokens": int(lengths.sum()),
         "seq_len": float(lengths.mean()),
     }
-    store.write_json(CALIBRATION / "manifest.json", manifest)
+    store.write_json(calibration / "manifest.json", manifest)
     return manifest
 
 
 @step(name="teacher outputs")
-def write_teacher_outputs(stream: TeacherStream, batches: Batches, task_kind: str) -> None:
-    store.write_tokens(CALIBRATION / "teacher_logits.arrow", stream.logits, logit_masks(task_kind, batches))
-    store.write_tokens(CALIBRATION / "hidden_in.arrow", stream.encoder_input(), token_masks(batches))
+def write_teacher_outputs(stream: TeacherStream, batches: Batches, task_kind: str, calibration: Path) -> None:
+    store.write_tokens(calibration / "teacher_logits.arrow", stream.logits, logit_masks(task_kind, batches))
+    store.write_tokens(calibration / "hidden_in.arrow", stream.encoder_input(), token_masks(batches))
 
 
 @step(name="teacher targets")
-def write_targets(stream: TeacherStream, t: int, batches: Batches) -> None:
+def write_targets(stream: TeacherStream, t: int, batches: Batches, calibration: Path) -> None:
     """The teacher's pre-LayerNorm residual sums at sublayer t, one batch in memory at a time."""
-    store.write_tokens(CALIBRATION / f"targets_{t:02d}.arrow", stream.targets(t), token_masks(batches))
+    store.write_tokens(calibration / f"targets_{t:02d}.arrow", stream.targets(t), token_masks(batches))
 
 
 class CalibrationFiles:
     """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
 
-    def __init__(self, batches: Batches, task_kind: str, device: torch.device):
-        self.masks, self.device = [mask.cpu() for mask in token_masks(batches)], device
+    def __init__(self, batches: Batches, task_kind: str, device: torch.device, calibration: Path):
+        self.masks, self.device, self.calibration = (
+            [mask.cpu() for mask in token_masks(batches)],
+            device,
+            calibration,
+        )
         self.logits = store.read_tokens(
-            CALIBRATION / "teacher_logits.arrow", logit_masks(task_kind, batches), device
+            calibration / "teacher_logits.arrow", logit_masks(task_kind, batches), device
         )
 
     def encoder_input(self) -> Iterator[torch.Tensor]:
-        return store.iter_tokens(CALIBRATION / "hidden_in.arrow", self.masks, self.device)
+        return store.iter_tokens(self.calibration / "hidden_in.arrow", self.masks, self.device)
 
     def targets(self, t: int) -> Iterator[torch.Tensor]:
-        return store.iter_tokens(CALIBRATION / f"targets_{t:02d}.arrow", self.masks, self.device)
+        return store.iter_tokens(self.calibration / f"targets_{t:02d}.arrow", self.masks, self.device)
 
 
 # ---------------------------------------------------------------- prune: persisted iteration files
 
 
-def iteration_dir(t: int) -> Path:
-    return ITERATIONS / f"{t:02d}"
+def iteration_dir(t: int, iterations: Path) -> Path:
+    return iterations / f"{t:02d}"
 
 
 # A safetensors file keeps its metadata in a hash map, written in an order that changes from process to
@@ -202,24 +210,25 @@ def damaged_file(folder: Path, files: dict) -> tuple[str, str] | None:
     return None
 
 
-def load_step(t: int) -> StepRecord:
-    fields = store.read_json(iteration_dir(t) / STEP_RECORD)
+def load_step(t: int, iterations: Path) -> StepRecord:
+    fields = store.read_json(iteration_dir(t, iterations) / STEP_RECORD)
     fields.pop("fingerprint")
     fields.pop("files")
     return StepRecord(**fields)
 
 
-def load_decision(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_decision(t: int, iterations: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sublayer t's keep-mask and tuned output weight (None when tuning was off)."""
-    keep = torch.tensor(store.read_json(iteration_dir(t) / "mask.json")["keep"], dtype=torch.bool)
-    weights = load_file(str(iteration_dir(t) / "weight.safetensors"))
+    folder = iteration_dir(t, iterations)
+    keep = torch.tensor(store.read_json(folder / "mask.json")["keep"], dtype=torch.bool)
+    weights = load_file(str(folder / "weight.safetensors"))
     return keep, weights.get("weight")
 
 
-def apply_iterations(model: nn.Module, count: int) -> nn.Module:
+def apply_iterations(model: nn.Module, count: int, iterations: Path) -> nn.Module:
     """Prune sublayers 0..count-1 of ``model`` in place, as the persisted iterations decided."""
     for t in range(count):
-        keep, weight = load_decision(t)
+        keep, weight = load_decision(t, iterations)
         Sublayer(model, t).keep_units(keep, weight)
     return model
 
@@ -235,12 +244,12 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta
 
 
 class IterationFiles(StepStore):
-    """The K-prune loop's step store on disk: data/prune/iterations/TT/, each file stamped with the
-    fingerprint of its run and iteration; step.json is written last and marks a finished iteration.
-    Each step is a Prefect task."""
+    """The K-prune loop's step store on disk: ITERATIONS/TT/ (data/prune/iterations/TT/ for dvc repro),
+    each file stamped with the fingerprint of its run and iteration; step.json is written last and marks a
+    finished iteration. Each step is a Prefect task."""
 
-    def __init__(self, run_key: str, total: int):
-        self.run_key, self.total = run_key, total
+    def __init__(self, run_key: str, total: int, iterations: Path):
+        self.run_key, self.total, self.iterations = run_key, total, iterations
 
     def key(self, t: int) -> str:
         return store.fingerprint(self.run_key, t)
@@ -250,7 +259,8 @@ class IterationFiles(StepStore):
         of other runs, a damaged file and every file computed after it, and every iteration after the
         first unfinished one."""
         keys = {self.key(t) for t in range(self.total)}
-        for path in sorted(ITERATIONS.glob("**/*")):
+        folder = self.iterations
+        for path in sorted(folder.glob("**/*")) if folder.exists() else []:
             if path.is_file() and (key := stored_fingerprint(path)) not in keys:
                 if key is None and not path.name.startswith("."):  # not a killed write's temporary
                     logger.warning("%s is unreadable (truncated?): recomputing it", path)
@@ -258,21 +268,21 @@ class IterationFiles(StepStore):
         count = 0
         while count < self.total and self.verified(count):
             count += 1
-        later = sorted(p for p in ITERATIONS.glob("*/") if p.name.isdigit() and int(p.name) > count)
+        later = sorted(p for p in folder.glob("*/") if p.name.isdigit() and int(p.name) > count)
         if later:
             names = ", ".join(path.name for path in later)
             logger.warning("discarding iterations %s: they were computed after iteration %d", names, count)
         for path in later:
             shutil.rmtree(path)
-        for path in ITERATIONS.glob("*/"):
+        for path in folder.glob("*/"):
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-        return [(load_step(t), *load_decision(t)) for t in range(count)]
+        return [(load_step(t, folder), *load_decision(t, folder)) for t in range(count)]
 
     def verified(self, t: int) -> bool:
         """Whether iteration t is finished with every file intact; a damaged one loses that file and the
         files computed after it (the earlier ones are intact and reused)."""
-        folder = iteration_dir(t)
+        folder = iteration_dir(t, self.iterations)
         if stored_fingerprint(folder / STEP_RECORD) != self.key(t):
             return False
         damage = damaged_file(folder, store.read_json(folder / STEP_RECORD).get("files", {}))
@@ -286,21 +296,21 @@ class IterationFiles(StepStore):
         return False
 
     def knowledge(self, t, measure):
-        return knowledge_task(t, self.key(t), measure)
+        return knowledge_task(t, self.key(t), measure, self.iterations)
 
     def mask(self, t, search):
-        return mask_task(t, self.key(t), search)
+        return mask_task(t, self.key(t), search, self.iterations)
 
     def tuned(self, t, tune):
-        return tune_task(t, self.key(t), tune)
+        return tune_task(t, self.key(t), tune, self.iterations)
 
     def finish(self, t, record, keep, weight) -> None:
-        finish_task(t, self.key(t), record)
+        finish_task(t, self.key(t), record, self.iterations)
 
 
 @step(name="measure knowledge")
-def knowledge_task(t: int, key: str, measure) -> list[Knowledge]:
-    path = iteration_dir(t) / "knowledge.safetensors"
+def knowledge_task(t: int, key: str, measure, iterations: Path) -> list[Knowledge]:
+    path = iteration_dir(t, iterations) / "knowledge.safetensors"
     if stored_fingerprint(path) == key:
         tensors = load_file(str(path))
         count = len({name.split("_")[1] for name in tensors})
@@ -321,8 +331,8 @@ def knowledge_task(t: int, key: str, measure) -> list[Knowledge]:
 
 
 @step(name="search mask")
-def mask_task(t: int, key: str, search) -> torch.Tensor:
-    path = iteration_dir(t) / "mask.json"
+def mask_task(t: int, key: str, search, iterations: Path) -> torch.Tensor:
+    path = iteration_dir(t, iterations) / "mask.json"
     if stored_fingerprint(path) == key:
         return torch.tensor(store.read_json(path)["keep"], dtype=torch.bool)
     keep = search()
@@ -331,8 +341,8 @@ def mask_task(t: int, key: str, search) -> torch.Tensor:
 
 
 @step(name="tune weights")
-def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
-    path = iteration_dir(t) / "weight.safetensors"
+def tune_task(t: int, key: str, tune, iterations: Path) -> tuple[torch.Tensor | None, TuneReport]:
+    path = iteration_dir(t, iterations) / "weight.safetensors"
     if stored_fingerprint(path) == key:
         report = safetensors_metadata(path)["report"]
         return load_file(str(path)).get("weight"), TuneReport(**report)
@@ -343,31 +353,39 @@ def tune_task(t: int, key: str, tune) -> tuple[torch.Tensor | None, TuneReport]:
 
 
 @step(name="prune sublayer")
-def finish_task(t: int, key: str, record: StepRecord) -> None:
+def finish_task(t: int, key: str, record: StepRecord, iterations: Path) -> None:
     """Writes step.json, the mark of a finished iteration (the loop has pruned the sublayer), with the size
     and checksum of each of the iteration's files."""
-    folder = iteration_dir(t)
+    folder = iteration_dir(t, iterations)
     files = {name: file_check(folder / name) for name in STEP_FILES}
     store.write_json(folder / STEP_RECORD, {"fingerprint": key, "files": files, **dataclasses.asdict(record)})
     kill_point(f"prune:finished:{t}")
 
 
+def prune_run_key(config: KPruneConfig, calibration: Path) -> str:
+    """The fingerprint of a prune run: its params and the calibration it reads (teacher and sample)."""
+    manifest = store.read_json(calibration / "manifest.json")
+    return store.fingerprint(config.to_dict(), manifest, ITERATION_FORMAT)
+
+
 @flow(name="prune")
-def prune_flow(config: KPruneConfig, device: str = "auto", on_step=None) -> PruneRecord:
+def prune_flow(
+    config: KPruneConfig, device: str = "auto", on_step=None, folders: Folders = PIPELINE_FOLDERS
+) -> PruneRecord:
     """K-prune over the calibrated sample: the library's loop (kprune.iterate) with the teacher's side
     read from the calibration files and every step persisted, resuming after the last finished
     iteration of the same run (same params, teacher and sample)."""
     device = resolve_device(device)
-    teacher = load_teacher(device)
-    batches = sample_batches(teacher, config.batch_size, device)
-    manifest = store.read_json(CALIBRATION / "manifest.json")
-    run_key = store.fingerprint(config.to_dict(), manifest, ITERATION_FORMAT)
+    teacher = load_teacher(device, folders)
+    batches = sample_batches(teacher, config.batch_size, device, folders)
     result = iterate(
         teacher,
         batches,
         config,
-        teacher_side=CalibrationFiles(batches, task_of(teacher), device),
-        store=IterationFiles(run_key, len(sublayers(teacher))),
+        teacher_side=CalibrationFiles(batches, task_of(teacher), device, folders.calibration),
+        store=IterationFiles(
+            prune_run_key(config, folders.calibration), len(sublayers(teacher)), folders.iterations
+        ),
         on_step=on_step,
     )
     return result.record
@@ -376,9 +394,9 @@ def prune_flow(config: KPruneConfig, device: str = "auto", on_step=None) -> Prun
 # ---------------------------------------------------------------- evaluate
 
 
-def pruned_student(teacher: nn.Module) -> nn.Module:
+def pruned_student(teacher: nn.Module, iterations: Path) -> nn.Module:
     """The pruned model: the teacher with every persisted iteration applied."""
-    return apply_iterations(copy.deepcopy(teacher), len(sublayers(teacher)))
+    return apply_iterations(copy.deepcopy(teacher), len(sublayers(teacher)), iterations)
 
 
 @torch.inference_mode()
@@ -426,16 +444,27 @@ def evaluate_on_dev(model: nn.Module, dev_splits: dict[str, EvalSet], params: di
 
 
 @flow(name="evaluate")
-def evaluate_flow(params: dict, record: dict, device: str = "auto") -> dict:
+def evaluate_flow(
+    params: dict,
+    record: dict,
+    device: str = "auto",
+    folders: Folders = PIPELINE_FOLDERS,
+    pruned_model: Path | None = None,
+) -> dict:
     """Teacher and pruned model side by side on dev: task metrics and their drop, FLOPs and parameters
-    kept, pruning time, CPU latency and speedup."""
+    kept, pruning time, CPU latency and speedup. The pruned model is the teacher with the persisted
+    iterations applied, or the kprune folder ``pruned_model`` (a baseline's)."""
     device = resolve_device(device)
-    teacher = load_teacher(device)
-    info = store.read_json(PREPARED / "info.json")
-    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
-    dev_splits = dev_sets(load_task(), tokenizer, window_options(info))
+    teacher = load_teacher(device, folders)
+    info = store.read_json(folders.prepared / "info.json")
+    tokenizer = AutoTokenizer.from_pretrained(folders.teacher)
+    dev_splits = dev_sets(load_task(folders.prepared), tokenizer, window_options(info), folders.prepared)
     teacher_task, teacher_figures = evaluate_on_dev(teacher, dev_splits, params, device)
-    pruned_task, pruned_figures = evaluate_on_dev(pruned_student(teacher), dev_splits, params, device)
+    if pruned_model is None:
+        pruned = pruned_student(teacher, folders.iterations)
+    else:
+        pruned = load_pruned(pruned_model, device)
+    pruned_task, pruned_figures = evaluate_on_dev(pruned, dev_splits, params, device)
     metrics = {}
     for prefix, figures in (
         ("teacher", {**teacher_task, **teacher_figures}),

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -21,11 +22,35 @@ PREPARED = DATA / "prepared"
 TEACHER = DATA / "teacher"
 CALIBRATION = DATA / "calibration"
 PRUNE = DATA / "prune"
-ITERATIONS = PRUNE / "iterations"
-RECORD = PRUNE / "record.json"
 EVALUATION = DATA / "evaluate"
-METRICS = EVALUATION / "metrics.json"
 EXPORT = DATA / "export"
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where the stages read and write: data/ for `dvc repro`; a batch (pipeline.batch) gives each stage
+    a folder of its own in its store, named by the fingerprint of the stage's inputs."""
+
+    prepared: Path = PREPARED
+    teacher: Path = TEACHER
+    calibration: Path = CALIBRATION
+    prune: Path = PRUNE
+    evaluation: Path = EVALUATION
+
+    @property
+    def iterations(self) -> Path:
+        return self.prune / "iterations"
+
+    @property
+    def record(self) -> Path:
+        return self.prune / "record.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.evaluation / "metrics.json"
+
+
+PIPELINE_FOLDERS = Folders()  # the dvc.yaml layout
 
 # Telemetry off and Prefect's state inside the project; set before prefect or mlflow is imported.
 # setdefault: a user's own settings (e.g. PREFECT_API_URL of a running server) win.
@@ -40,9 +65,18 @@ QUIET_ENVIRONMENT = {
 }
 
 
-def quiet_environment(root: Path | None = None) -> None:
+# A batch prints one line per job: Prefect's console lines (a traceback per failed task) and the weight
+# loading bars of every stage would bury them; Prefect's UI still has every log.
+BATCH_ENVIRONMENT = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def quiet_environment(root: Path | None = None, batch: bool = False) -> None:
     root = (root or Path.cwd()).resolve()
-    for name, value in QUIET_ENVIRONMENT.items():
+    for name, value in {**QUIET_ENVIRONMENT, **(BATCH_ENVIRONMENT if batch else {})}.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".prefect" / "results"))

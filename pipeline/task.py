@@ -20,7 +20,7 @@ import transformers
 
 from kprune import squad
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING
-from kprune.data import TaskData, clean_split, load_task_data
+from kprune.data import TaskData, clean_split, load_task_data, seeded_rows
 from kprune.rotten_tomatoes import LABELS, read_rotten_tomatoes, split_by_movie
 from kprune.tasks import DEFAULT_METRICS, KINDS, TaskSpec, custom_task, get_task
 from pipeline import store
@@ -68,8 +68,8 @@ def load_splits(task: TaskSpec, data: dict) -> TaskData:
     return load_task_data(task, data.get("train"), data.get("dev"), hub_dataset=data.get("hub_dataset"))
 
 
-def save_task(task: TaskSpec) -> None:
-    store.write_json(PREPARED / TASK_FILE, dataclasses.asdict(task))
+def save_task(task: TaskSpec, prepared: Path = PREPARED) -> None:
+    store.write_json(prepared / TASK_FILE, dataclasses.asdict(task))
 
 
 def load_task(prepared: Path = PREPARED) -> TaskSpec:
@@ -77,9 +77,9 @@ def load_task(prepared: Path = PREPARED) -> TaskSpec:
     return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def save_dev_examples(splits: dict[str, datasets.Dataset]) -> None:
+def save_dev_examples(splits: dict[str, datasets.Dataset], prepared: Path = PREPARED) -> None:
     for split, table in splits.items():
-        store.write_dataset(PREPARED / DEV_EXAMPLES / split, table)
+        store.write_dataset(prepared / DEV_EXAMPLES / split, table)
 
 
 def read_train(prepared: Path = PREPARED) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -87,6 +87,21 @@ def read_train(prepared: Path = PREPARED) -> tuple[dict[str, torch.Tensor], torc
     train = store.read_table(prepared / "train")
     labels = train.pop("label")
     return train, labels
+
+
+def sample_labels(data: dict, prepared: Path = PREPARED) -> torch.Tensor:
+    """The true labels of the prepared sample (Kwon et al. need them; classification and regression): the
+    sample is the seeded rows of the train split (kprune.data.seeded_rows), found again on the tokenized
+    train split and checked against the sample."""
+    inputs, labels = read_train(prepared)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    rows = seeded_rows(
+        len(lengths), lambda index: [lengths[i] for i in index], data["sample_tokens"], data["seed"]
+    )
+    sample = store.read_table(prepared / "sample")["input_ids"]
+    if not torch.equal(inputs["input_ids"][rows, : sample.shape[1]], sample):
+        raise ValueError(f"the sample in {prepared} is not the seeded rows of its train split")
+    return labels[rows]
 
 
 def window_from_params(task: TaskSpec, data: dict) -> dict:

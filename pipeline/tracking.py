@@ -57,7 +57,11 @@ class Run:
     """A handle on one MLflow run: batched metrics, params, tags and artifacts."""
 
     def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+        self.client, self.run_id, self.failed = client, run_id, False
+
+    def mark_failed(self) -> None:
+        """End as FAILED although the block returns (a batch job that failed elsewhere)."""
+        self.failed = True
 
     def log_params(self, params: Mapping) -> None:
         from mlflow.entities import Param
@@ -126,8 +130,11 @@ def experiment_id(mlflow_client) -> str:
 
 
 @contextlib.contextmanager
-def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None = None) -> Iterator[Run]:
-    """A run that ends FINISHED, or FAILED if the block raises."""
+def open_run(
+    name: str, params: Mapping | None = None, parent_run_id: str | None = None, log_peak: bool = True
+) -> Iterator[Run]:
+    """A run that ends FINISHED, or FAILED if the block raises; with log_peak, it records this process's
+    peak memory (peak_rss_mb)."""
     mlflow_client = client()
     tags = {"kprune.stage": name}
     if parent_run_id:
@@ -145,11 +152,12 @@ def open_run(name: str, params: Mapping | None = None, parent_run_id: str | None
     status = "FAILED"
     try:
         yield run
-        status = "FINISHED"
+        status = "FAILED" if run.failed else "FINISHED"
     finally:
-        peak = peak_rss_mb()
-        run.log_metrics({"peak_rss_mb": peak})
-        logger.info("%s: peak memory %.0f MB", name, peak)
+        if log_peak:
+            peak = peak_rss_mb()
+            run.log_metrics({"peak_rss_mb": peak})
+            logger.info("%s: peak memory %.0f MB", name, peak)
         mlflow_client.set_terminated(run.run_id, status)
 
 

@@ -143,6 +143,24 @@ def test_experiment_on_the_budget(workspace):
     assert json.loads((project / "data/evaluate/metrics.json").read_text())["flops_keep"] == 0.4
 
 
+def test_queued_budget_sweep_runs_and_exp_show_lists_both(workspace):
+    project = workspace
+    """The DVC-native sweep of the README: one queued experiment per budget, two run at a time."""
+    for budget in ("0.3", "0.6"):
+        dvc(project, "exp", "run", "--queue", "-S", f"prune.flops_keep={budget}")
+    dvc(project, "queue", "start", "-j", "2")
+
+    def finished() -> bool:
+        status = dvc(project, "queue", "status").stdout
+        return not any(word in status for word in ("Queued", "Running"))
+
+    assert wait_until(finished, 900), dvc(project, "queue", "status").stdout
+    status = dvc(project, "queue", "status").stdout
+    assert status.count("Success") == 2, status
+    shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json").stdout))
+    assert '"flops_keep": 0.3' in shown and '"flops_keep": 0.6' in shown
+
+
 def test_mlflow_holds_the_runs_with_per_iteration_metrics(reference):
     from mlflow import MlflowClient
 

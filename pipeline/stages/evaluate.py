@@ -12,7 +12,7 @@ import logging
 
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
-from pipeline.project import EVALUATION, METRICS, RECORD, load_params, stage_main, start_stage
+from pipeline.project import PIPELINE_FOLDERS, Folders, load_params, stage_main, start_stage
 
 logger = logging.getLogger("pipeline.evaluate")
 
@@ -53,7 +53,7 @@ def plot_rows(record: dict) -> tuple[list[dict], list[dict]]:
     return layers, iterations
 
 
-def save_figures(layers: list[dict], iterations: list[dict]) -> None:
+def save_figures(layers: list[dict], iterations: list[dict], evaluation) -> None:
     """PNG versions of the two plots, for MLflow and the README."""
     import matplotlib
 
@@ -76,7 +76,7 @@ def save_figures(layers: list[dict], iterations: list[dict]) -> None:
     )
     right.legend()
     figure.tight_layout()
-    with store.atomic_path(EVALUATION / "pruning.png") as temporary:
+    with store.atomic_path(evaluation / "pruning.png") as temporary:
         figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
@@ -87,21 +87,27 @@ def main() -> None:
         run_stage()
 
 
-def run_stage() -> None:
+def evaluate(params: dict, device: str, folders: Folders = PIPELINE_FOLDERS, pruned_model=None) -> dict:
+    """The evaluate flow, its metrics.json and the plots' CSV and PNG files in ``folders.evaluation``."""
     from pipeline.flows import evaluate_flow  # after prefect_api(): Prefect reads its settings on import
 
+    record = store.read_json(folders.record)
+    folders.evaluation.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_flow(params, record, device, folders, pruned_model)
+    store.write_json(folders.metrics, metrics)
+    layers, iterations = plot_rows(record)
+    write_csv(folders.evaluation / "layers.csv", layers)
+    write_csv(folders.evaluation / "iterations.csv", iterations)
+    save_figures(layers, iterations, folders.evaluation)
+    return metrics
+
+
+def run_stage() -> None:
     params = load_params("evaluate")
-    record = store.read_json(RECORD)
-    EVALUATION.mkdir(parents=True, exist_ok=True)
     with tracking.stage_run("evaluate", {"evaluate": params}) as run:
-        metrics = evaluate_flow(params, record, load_params("prune")["device"])
-        store.write_json(METRICS, metrics)
-        layers, iterations = plot_rows(record)
-        write_csv(EVALUATION / "layers.csv", layers)
-        write_csv(EVALUATION / "iterations.csv", iterations)
-        save_figures(layers, iterations)
+        metrics = evaluate(params, load_params("prune")["device"])
         run.log_metrics(metrics)
-        run.log_artifacts(EVALUATION, "evaluate")
+        run.log_artifacts(PIPELINE_FOLDERS.evaluation, "evaluate")
         logger.info("%s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 

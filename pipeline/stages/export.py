@@ -10,34 +10,39 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import transformers
 
 from kprune.io import save_pruned
 from kprune.record import PruneRecord
 from pipeline import store, tracking
-from pipeline.project import EXPORT, METRICS, RECORD, TEACHER, stage_main, start_stage
+from pipeline.project import EXPORT, PIPELINE_FOLDERS, Folders, stage_main, start_stage
 
 logger = logging.getLogger("pipeline.export")
 
 
-def load_record() -> PruneRecord:
-    return PruneRecord.from_dict(store.read_json(RECORD))
+def export(out: Path, folders: Folders = PIPELINE_FOLDERS, metrics: Path | None = None) -> None:
+    """The teacher with the persisted iterations applied, saved to ``out`` in kprune's format (with a copy
+    of the ``metrics`` file), replacing a previous model as a whole: a kill or a full disk leaves it."""
+    from pipeline.flows import load_teacher, pruned_student
+
+    model = pruned_student(load_teacher("cpu", folders), folders.iterations)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folders.teacher)
+    record = PruneRecord.from_dict(store.read_json(folders.record))
+    replacing = out.exists()
+    with store.atomic_folder(out) as folder:
+        save_pruned(model, folder, record=record, tokenizer=tokenizer)
+        if metrics is not None:
+            shutil.copy(metrics, folder / "metrics.json")
+    if replacing:
+        logger.info("replaced the previous pruned model in %s", out)
 
 
 def main() -> None:
     start_stage()
-    from pipeline.flows import load_teacher, pruned_student
-
     with tracking.stage_run("export") as run:
-        model = pruned_student(load_teacher("cpu"))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(TEACHER)
-        replacing = EXPORT.exists()
-        with store.atomic_folder(EXPORT) as folder:  # a kill or a full disk leaves the previous model whole
-            save_pruned(model, folder, record=load_record(), tokenizer=tokenizer)
-            shutil.copy(METRICS, folder / "metrics.json")
-        if replacing:
-            logger.info("replaced the previous pruned model in %s", EXPORT)
+        export(EXPORT, metrics=PIPELINE_FOLDERS.metrics)
         run.log_artifacts(EXPORT, "pruned-model")
         logger.info("pruned model written to %s (load with kprune.load_pruned)", EXPORT.resolve())
 

@@ -11,6 +11,7 @@ model's sequence length). params: `data`, and `teacher.model` / `teacher.base` f
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,27 +47,27 @@ def sizes(inputs: dict[str, torch.Tensor]) -> dict:
     return {"rows": len(lengths), "tokens": int(lengths.sum()), "average_length": float(lengths.mean())}
 
 
-def prepare(data: dict, teacher: dict) -> dict:
+def prepare(data: dict, teacher: dict, prepared: Path = PREPARED) -> dict:
     task = task_from_params(data)
     window = window_from_params(task, data)
     max_length = window["max_length"]
     source = tokenizer_source(teacher)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     splits = load_splits(task, data)
-    PREPARED.mkdir(parents=True, exist_ok=True)
-    save_task(task)
+    prepared.mkdir(parents=True, exist_ok=True)
+    save_task(task, prepared)
     info = {"task": task.name, "kind": task.kind, "tokenizer": source, **window}
     info["skipped_rows"] = splits.skipped
 
     sample = calibration_sample(task, splits.train, tokenizer, data["sample_tokens"], data["seed"], **window)
-    store.write_table(PREPARED / "sample", sample)
+    store.write_table(prepared / "sample", sample)
     info["sample"] = sizes(sample)
     if task.kind != QUESTION_ANSWERING:  # the teacher stage fine-tunes classifiers and regressors only
         train = tokenize(splits.train, tokenizer, task.text_column, task.text_pair_column, max_length)
         train["label"] = train_labels(task, splits.train)
-        store.write_table(PREPARED / "train", train)
+        store.write_table(prepared / "train", train)
         info["train"] = sizes(train)
-    save_dev_examples(splits.dev)
+    save_dev_examples(splits.dev, prepared)
     info["dev"] = {
         split: {
             "rows": len(table),
@@ -75,7 +76,7 @@ def prepare(data: dict, teacher: dict) -> dict:
         for split, table in splits.dev.items()
     }
     info["reference_length"] = task.reference_length
-    store.write_json(PREPARED / "info.json", info)
+    store.write_json(prepared / "info.json", info)
     for split, figures in [("sample", info["sample"]), ("train", info.get("train"))]:
         if figures:
             logger.info("%s: %d rows, %d tokens, %.2f tokens per row", split, figures["rows"],

@@ -14,7 +14,7 @@ from kprune.config import KPruneConfig
 from kprune.sample import resolve_seq_len
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
-from pipeline.project import PREPARED, RECORD, load_params, stage_main, start_stage
+from pipeline.project import PIPELINE_FOLDERS, Folders, load_params, stage_main, start_stage
 
 
 def sequence_length(seq_len, info: dict) -> float | None:
@@ -31,13 +31,18 @@ def main() -> None:
         run_stage()
 
 
+def prune_config(params: dict, folders: Folders = PIPELINE_FOLDERS) -> KPruneConfig:
+    """The library's config of params.yaml's prune section (its seq_len resolved for the prepared task)."""
+    options = {name: value for name, value in params.items() if name != "device"}
+    options["seq_len"] = sequence_length(params["seq_len"], store.read_json(folders.prepared / "info.json"))
+    return KPruneConfig(**options)
+
+
 def run_stage() -> None:
     from pipeline.flows import prune_flow  # after prefect_api(): Prefect reads its settings on import
 
     params = load_params("prune")
-    options = {name: value for name, value in params.items() if name != "device"}
-    options["seq_len"] = sequence_length(params["seq_len"], store.read_json(PREPARED / "info.json"))
-    config = KPruneConfig(**options)
+    config = prune_config(params)
     with tracking.stage_run("prune", {"prune": params}) as run:
 
         def log_iteration(step) -> None:
@@ -47,7 +52,7 @@ def run_stage() -> None:
             run.log_metric_series([figures], step_key="sublayer")
 
         record = prune_flow(config, params["device"], on_step=log_iteration)
-        store.write_json(RECORD, record.to_dict())
+        store.write_json(PIPELINE_FOLDERS.record, record.to_dict())
         run.log_metrics(
             {
                 "flops_kept": record.flops_kept,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import transformers
 
@@ -18,17 +19,26 @@ from kprune.evaluate import evaluate_model
 from kprune.models import load_model, resolve_device
 from pipeline import store, tracking
 from pipeline.finetune import FinetuneConfig, finetune
-from pipeline.project import PREPARED, TEACHER, load_params, resolve_model_name, stage_main, start_stage
+from pipeline.project import (
+    PIPELINE_FOLDERS,
+    Folders,
+    load_params,
+    resolve_model_name,
+    stage_main,
+    start_stage,
+)
 from pipeline.task import dev_sets, load_task, read_train, window_options
 
 logger = logging.getLogger("pipeline.teacher")
 
 
-def fine_tuned_teacher(teacher: dict, task, device) -> tuple[transformers.PreTrainedModel, dict]:
+def fine_tuned_teacher(
+    teacher: dict, task, device, prepared: Path
+) -> tuple[transformers.PreTrainedModel, dict]:
     if task.kind == QUESTION_ANSWERING:
         raise ValueError("the teacher stage fine-tunes classifiers and regressors only; for QA set "
                          "teacher.model to a fine-tuned *ForQuestionAnswering model")  # fmt: skip
-    train, labels = read_train()
+    train, labels = read_train(prepared)
     if task.kind == REGRESSION:
         head = {"num_labels": 1, "problem_type": "regression"}
     else:
@@ -57,31 +67,38 @@ def resolved_teacher(name: str) -> transformers.PreTrainedModel:
     return model
 
 
+def make_teacher(teacher: dict, folders: Folders = PIPELINE_FOLDERS) -> dict:
+    """Fine-tune or resolve the teacher, check it against the task, score it on the first dev split and
+    save it to ``folders.teacher``; returns what teacher.json records (its dev metrics under "dev")."""
+    info = store.read_json(folders.prepared / "info.json")
+    task = load_task(folders.prepared)
+    device = resolve_device(teacher["device"])
+    started = time.perf_counter()
+    if teacher["model"] == "finetune":
+        model, figures = fine_tuned_teacher(teacher, task, device, folders.prepared)
+    else:
+        model, figures = resolved_teacher(teacher["model"]), {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
+    check_model_for_task(task, model, tokenizer, info["max_length"])  # fails here, not 3 stages later
+    dev_splits = dev_sets(task, tokenizer, window_options(info), folders.prepared)
+    split, dev = next(iter(dev_splits.items()))
+    metrics = evaluate_model(model, dev, device=device)
+    figures.update(seconds=time.perf_counter() - started, dev=metrics)
+    logger.info("teacher on dev %s: %s (%.0f s)", split, metrics, figures["seconds"])
+    figures = {"source": teacher["model"], "base": teacher["base"], **figures}
+    with store.atomic_folder(folders.teacher) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        store.write_json(folder / "teacher.json", figures)
+    return figures
+
+
 def main() -> None:
     start_stage()
     teacher = load_params("teacher")
-    info = store.read_json(PREPARED / "info.json")
-    task = load_task()
-    device = resolve_device(teacher["device"])
-    started = time.perf_counter()
     with tracking.stage_run("teacher", {"teacher": teacher}) as run:
-        if teacher["model"] == "finetune":
-            model, figures = fine_tuned_teacher(teacher, task, device)
-        else:
-            model, figures = resolved_teacher(teacher["model"]), {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(info["tokenizer"])
-        check_model_for_task(task, model, tokenizer, info["max_length"])  # fails here, not 3 stages later
-        split, dev = next(iter(dev_sets(task, tokenizer, window_options(info)).items()))
-        metrics = evaluate_model(model, dev, device=device)
-        figures.update(seconds=time.perf_counter() - started, dev=metrics)
-        logger.info("teacher on dev %s: %s (%.0f s)", split, metrics, figures["seconds"])
-        with store.atomic_folder(TEACHER) as folder:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            store.write_json(
-                folder / "teacher.json", {"source": teacher["model"], "base": teacher["base"], **figures}
-            )
-        run.log_metrics({f"teacher_dev_{name}": value for name, value in metrics.items()})
+        figures = make_teacher(teacher)
+        run.log_metrics({f"teacher_dev_{name}": value for name, value in figures["dev"].items()})
         run.log_metrics({"teacher_seconds": figures["seconds"]})
 
 
