@@ -6,6 +6,8 @@ kprune.save_pruned(result.model, "pruned/", record=result.record, tokenizer=toke
 model = kprune.load_pruned("pruned/")
 """
 
+__version__ = "0.1.0"  # before the imports: kprune.io reads it
+
 from kprune.api import prune
 from kprune.arch import UnsupportedModelError
 from kprune.config import KPruneConfig
@@ -21,4 +23,3 @@ __all__ = [
     "prune",
     "save_pruned",
 ]
-__version__ = "0.1.0"

@@ -161,24 +161,3 @@ def encoder_input(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     finally:
         handle.remove()
     raise RuntimeError("the model never called its first encoder layer")
-
-
-class EmptyAttention(nn.Module):
-    """Self-attention with every head pruned: it contributes only the output bias.
-
-    transformers reshapes q/k/v with ``view(..., -1, head_dim)``, which fails on zero heads, so the
-    attention module is swapped for this one. It keeps the original (now zero-width) linear maps under
-    their original names, so state-dict keys and adapter paths do not change.
-    """
-
-    def __init__(self, original: nn.Module, output_name: str | None):
-        super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        self.output_name = output_name
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        if self.output_name is not None:  # the output projection lives inside this module (DistilBERT)
-            return getattr(self, self.output_name)(context), None
-        return context, None

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from kprune.arch import task_of
 from kprune.config import KPruneConfig
 from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
-from kprune.io import is_pruned_folder, read_meta, save_pruned
+from kprune.io import add_metrics, is_pruned_folder, read_meta, save_pruned
 from kprune.memory import limit_heap_fragmentation
 from kprune.models import load_model, resolve_device
 from kprune.record import PruneRecord
@@ -351,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="sequences per forward pass (default 64)",
     )
+    eval_parser.add_argument(
+        "--add-to-card",
+        action="store_true",
+        help="also record the metrics in the kprune folder's kprune.json and model card (README.md)",
+    )
     _add_common(eval_parser)
     eval_parser.set_defaults(run=run_eval)
 
@@ -466,12 +472,14 @@ def run_prune(args: argparse.Namespace) -> None:
         micro_batch_tokens=args.micro_batch_tokens,
         knowledge_tokens=args.knowledge_tokens,
     )
-    save_pruned(result.model, out, record=result.record, tokenizer=tokenizer)
+    save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)
     print(summary(result.record))
-    print(f"saved to {out.resolve()} (load with kprune.load_pruned)")
+    print(f"saved to {out.resolve()} (load with kprune.load_pruned, or transformers: see its README.md)")
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.add_to_card and not is_pruned_folder(args.model):
+        raise ValueError(f"--add-to-card: {args.model} is not a folder written by kprune")
     model, tokenizer = load_model(args.model, args.device)
     task = _task(args, model)
     max_length = args.max_length or task.default_max_length
@@ -490,6 +498,9 @@ def run_eval(args: argparse.Namespace) -> None:
     record = read_meta(args.model)["record"] if is_pruned_folder(args.model) else None
     if record is not None:
         metrics["flops_kept"] = record["flops_kept"]
+    if args.add_to_card:
+        measured = {name: value for name, value in metrics.items() if isinstance(value, float)}
+        add_metrics(model, args.model, f"{metrics['task']}: {metrics['data']}", measured)
     print(json.dumps(metrics, indent=1))
 
 
@@ -547,6 +558,7 @@ def _console_logging(quiet: bool, verbose: bool) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["kprune", *(sys.argv[1:] if argv is None else argv)])  # for model cards
     limit_heap_fragmentation()
     with _console_logging(args.quiet, args.verbose):
         try:

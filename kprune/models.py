@@ -68,7 +68,8 @@ def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, obje
             model = load_pruned(name_or_path, device)
         else:
             model = _task_model_class(name_or_path).from_pretrained(name_or_path).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        # The model's config: a pruned folder's own config.json names remote code, which kprune never runs.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, config=model.config)
     except OSError as error:  # not found, offline, no tokenizer files, ...
         raise OSError(f"cannot load model {name_or_path!r}: {error}") from error
     family_of(model)  # unsupported families and heads fail here, before any pruning work
