@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -125,6 +126,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default auto)",
     )
+    _add_noise(parser)
+
+
+def _add_noise(parser: argparse.ArgumentParser) -> None:
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--quiet", action="store_true", help="only warnings and errors; no progress bars")
     noise.add_argument("--verbose", action="store_true", help="debug logging; tracebacks on errors")
@@ -386,6 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo_parser)
     demo_parser.set_defaults(run=run_demo)
+
+    onnx_parser = commands.add_parser(
+        "export-onnx",
+        help="export a model to ONNX (dynamic batch and sequence axes), checked with onnxruntime",
+        description="Export a kprune folder (or any model 'kprune eval' takes) to one ONNX file with "
+        "dynamic batch and sequence axes, then run it with onnxruntime beside torch on a batch of "
+        "another shape: the largest logit difference is printed, and a float export beyond the tolerance "
+        "(kprune.onnx_export.TOLERANCE) fails. Needs the onnx extra: pip install 'kprune[onnx]'.",
+        epilog="example: kprune export-onnx pruned/ --out pruned.onnx --quantize int8",
+    )
+    onnx_parser.add_argument("model", metavar="DIR_OR_PATH", help="a kprune folder, a model folder or hub id")
+    onnx_parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    onnx_parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: onnxruntime's dynamic quantisation (int8 weights, activations quantised at run time)",
+    )
+    _add_noise(onnx_parser)  # the export runs on the CPU
+    onnx_parser.set_defaults(run=run_export_onnx)
     return parser
 
 
@@ -530,6 +554,27 @@ def run_demo(args: argparse.Namespace) -> None:
         f"total {result.seconds:.1f} s\n"
         f"saved to {Path(result.out_dir).resolve()} (load with kprune.load_pruned)"
     )
+
+
+def run_export_onnx(args: argparse.Namespace) -> None:
+    missing = [
+        name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ValueError(f"export-onnx needs {', '.join(missing)}: pip install 'kprune[onnx]'")
+    out = Path(args.out)
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; give the .onnx file to write")
+    from kprune.onnx_export import TOLERANCE, example_batch, export_onnx, max_logit_difference
+
+    model, _ = load_model(args.model, torch.device("cpu"))
+    export_onnx(model, out, quantize=args.quantize)
+    check = example_batch(model, batch=3, length=11, seed=1)  # not the traced shape: the axes are dynamic
+    difference = max_logit_difference(model, out, check)
+    print(f"onnxruntime check on a 3x11 batch: max |logit difference| {difference:.2e} against torch")
+    if args.quantize is None and difference > TOLERANCE:
+        raise ValueError(f"the ONNX graph's logits differ from torch's by {difference:.2e} > {TOLERANCE:g}")
+    print(f"saved to {out.resolve()}")
 
 
 # ---------------------------------------------------------------- entry point
