@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kprune.tasks import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION
+
 ATTENTION = "attention"
 FFN = "ffn"
 
@@ -89,10 +91,6 @@ FAMILIES: dict[str, Family] = {
         classify=_distilbert_classify,
     ),
 }
-
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
-QUESTION_ANSWERING = "question-answering"
 
 
 class UnsupportedModelError(ValueError):

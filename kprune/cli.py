@@ -5,6 +5,9 @@ loaded from the hub unless ``--data`` gives a local file) or a local file with c
 
 Mistakes a user can make (a missing file or column, a bad budget, an unsupported model) end in one
 line ``kprune: error: ...`` and exit code 2; ``--verbose`` adds the traceback.
+
+Building the parser imports only light modules (kprune.config, kprune.tasks): torch, transformers and
+datasets are imported inside the commands, so ``kprune --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -19,25 +22,16 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import torch
-import transformers
-from torch import nn
-from tqdm.contrib.logging import logging_redirect_tqdm
+from kprune.config import DEFAULT_NUM_TOKENS, KPruneConfig
+from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE, TASKS, TaskSpec, custom_task, get_task
 
-from kprune.api import prune
-from kprune.arch import task_of
-from kprune.config import KPruneConfig
-from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
-from kprune.evaluate import evaluate_model, evaluation_set
-from kprune.io import add_metrics, is_pruned_folder, read_meta, save_pruned
-from kprune.memory import limit_heap_fragmentation
-from kprune.models import load_model, resolve_device
-from kprune.record import PruneRecord
-from kprune.sample import REFERENCE, resolve_seq_len
-from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
-from kprune.tasks import TASKS, TaskSpec, custom_task, get_task
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kprune.record import PruneRecord
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +77,10 @@ NON_NEGATIVE = _number(float, lambda value: value >= 0, "a number >= 0")
 
 
 def _device(text: str) -> torch.device:
+    import torch
+
+    from kprune.models import resolve_device
+
     try:
         device = resolve_device(text)
     except RuntimeError as error:
@@ -430,6 +428,8 @@ def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
         raise ValueError("give --data (a local file) or --task (a known task, loaded from the hub)")
     if args.task is None and args.hub_dataset is not None:
         raise ValueError("--hub-dataset needs a --task: it says where that task's data lives")
+    from kprune.arch import task_of
+
     task = get_task(args.task) if args.task is not None else custom_task(task_of(model))
     return task.with_columns(
         text_column=args.text_column,
@@ -442,6 +442,8 @@ def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
 
 
 def _check_output_folder(path: Path) -> None:
+    from kprune.io import is_pruned_folder
+
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not is_pruned_folder(path):
@@ -464,6 +466,14 @@ def summary(record: PruneRecord) -> str:
 
 
 def run_prune(args: argparse.Namespace) -> None:
+    import torch
+
+    from kprune.api import prune
+    from kprune.data import calibration_sample, check_model_for_task, load_task_split
+    from kprune.io import save_pruned
+    from kprune.models import load_model
+    from kprune.sample import REFERENCE, resolve_seq_len
+
     out = Path(args.out)
     _check_output_folder(out)
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # prune() moves it to the device
@@ -502,6 +512,11 @@ def run_prune(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from kprune.data import check_model_for_task, load_task_split
+    from kprune.evaluate import evaluate_model, evaluation_set
+    from kprune.io import add_metrics, is_pruned_folder, read_meta
+    from kprune.models import load_model
+
     if args.add_to_card and not is_pruned_folder(args.model):
         raise ValueError(f"--add-to-card: {args.model} is not a folder written by kprune")
     model, tokenizer = load_model(args.model, args.device)
@@ -565,6 +580,9 @@ def run_export_onnx(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise FileExistsError(f"--out {out} is a folder; give the .onnx file to write")
+    import torch
+
+    from kprune.models import load_model
     from kprune.onnx_export import TOLERANCE, example_batch, export_onnx, max_logit_difference
 
     model, _ = load_model(args.model, torch.device("cpu"))
@@ -582,28 +600,41 @@ def run_export_onnx(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _console_logging(quiet: bool, verbose: bool) -> Iterator[None]:
-    """kprune's log lines on stderr for one command, kept apart from the progress bar."""
+    """kprune's log lines on stderr for one command, kept apart from kprune's progress bars.
+
+    transformers' and datasets' own bars ("Loading weights", "Map", ...) are off while a command runs:
+    each phase shows one bar, kprune's, and the log lines say what is being loaded."""
+    import datasets
+    import transformers
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     package_logger = logging.getLogger("kprune")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     previous_level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    if quiet:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    bars = (datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     try:
         with contextlib.nullcontext() if quiet else logging_redirect_tqdm(loggers=[package_logger]):
             yield
     finally:  # main() may run again in the same process (tests, notebooks)
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["kprune", *(sys.argv[1:] if argv is None else argv)])  # for model cards
+    from kprune.memory import limit_heap_fragmentation
+
     limit_heap_fragmentation()
     with _console_logging(args.quiet, args.verbose):
         try:

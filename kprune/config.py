@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kprune.knowledge import FISHER, PREDICTIVE_MODES
+# How predictive knowledge is measured (kprune.knowledge): the per-example Fisher, or the reference
+# code's squared batch-mean gradients.
+FISHER = "fisher"
+BATCH_GRADIENT = "batch-gradient"
+PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
+DEFAULT_NUM_TOKENS = 100_000  # tokens of the calibration sample (the paper's)
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
+from kprune.config import BATCH_GRADIENT, FISHER, PREDICTIVE_MODES
 from kprune.sublayer import Sublayer
-
-FISHER = "fisher"
-BATCH_GRADIENT = "batch-gradient"
-PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
 
 
 def distillation_loss(
