@@ -30,7 +30,7 @@ from bench.common import (
     write_json,
     write_markdown,
 )
-from kprune.onnx_export import export_onnx, onnx_logits, onnx_session
+from kprune.onnx_export import export_onnx, input_names, onnx_logits, onnx_session
 
 NAME = "onnx_accuracy"
 BATCH = 64
@@ -56,10 +56,7 @@ def predictions(forward, inputs: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def measure(name: str, model: torch.nn.Module, inputs: dict, labels: np.ndarray, folder: Path) -> list[dict]:
-    accepted = {"input_ids", "attention_mask"} | (
-        set() if model.config.model_type == "distilbert" else {"token_type_ids"}
-    )
-    inputs = {key: value for key, value in inputs.items() if key in accepted}
+    inputs = {key: inputs[key] for key in input_names(model)}
     with torch.inference_mode():
         reference = predictions(lambda batch: model(**batch).logits.numpy(), inputs)
     rows = [

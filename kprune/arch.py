@@ -98,7 +98,9 @@ class UnsupportedModelError(ValueError):
 
 
 def family_of(model: nn.Module) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    # A pruned folder's config (kprune.modeling_kprune) has a model_type of its own and names its family.
+    model_type = getattr(config, "pruned_family", None) or getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"kprune cannot prune model_type {model_type!r} ({type(model).__name__}); "

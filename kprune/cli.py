@@ -582,10 +582,10 @@ def run_export_onnx(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a folder; give the .onnx file to write")
     import torch
 
-    from kprune.models import load_model
+    from kprune.models import load_task_model
     from kprune.onnx_export import TOLERANCE, example_batch, export_onnx, max_logit_difference
 
-    model, _ = load_model(args.model, torch.device("cpu"))
+    model = load_task_model(args.model, torch.device("cpu"))
     export_onnx(model, out, quantize=args.quantize)
     check = example_batch(model, batch=3, length=11, seed=1)  # not the traced shape: the axes are dynamic
     difference = max_logit_difference(model, out, check)

@@ -138,8 +138,19 @@ def add_metrics(model: nn.Module, directory: str | Path, data: str, metrics: Map
 
 
 def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / META_FILE
+    """The folder's kprune.json; for a folder that only the save_pretrained of a loaded pruned model
+    wrote (no kprune.json), format 2 with no record."""
+    directory = Path(directory)
+    path = directory / META_FILE
     if not path.is_file():
+        if _has_pruned_config(directory):
+            return {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "record": None,
+                "metrics": {},
+                "command": None,
+            }
         raise FileNotFoundError(f"{directory} is not a kprune pruned-model folder (no {META_FILE})")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") not in (1, FORMAT_VERSION):
@@ -147,37 +158,51 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A pruned model saved by :func:`save_pruned`, in eval mode, without remote code.
+def _has_pruned_config(directory: Path) -> bool:
+    path = directory / CONFIG_FILE
+    return path.is_file() and json.loads(path.read_text()).get("model_type", "").startswith("kprune-")
 
-    The model is an instance of the family's transformers class (through modeling_kprune's subclass,
-    which only resizes the layers) with the family's stock config, built at the pruned shapes."""
+
+def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A pruned model saved by :func:`save_pruned` (or by a loaded one's save_pretrained), in eval mode,
+    without remote code.
+
+    The model is modeling_kprune's subclass of the family's transformers class, built at the pruned
+    shapes; its ``save_pretrained`` writes a folder that loads the same way (with the modeling file)."""
     directory = Path(directory)
     if read_meta(directory)["version"] == 1:
         return _load_v1(directory, device)
-    fields = json.loads((directory / CONFIG_FILE).read_text())
-    architecture = (fields.get("architectures") or [None])[0]
-    model_class = getattr(modeling_kprune, architecture or "", None)
+    architecture = (json.loads((directory / CONFIG_FILE).read_text()).get("architectures") or [""])[0]
+    model_class = getattr(modeling_kprune, architecture, None)
     if model_class is None:
         raise ValueError(f"{directory / CONFIG_FILE}: {architecture!r} is not a kprune model class")
-    config = _stock_class(model_class).config_class.from_dict(
-        {k: v for k, v in fields.items() if k not in _CLASS_KEYS}
-    )
-    return model_class.from_pretrained(directory, config=config).to(device).eval()
+    _register_for_auto_classes(model_class)
+    return model_class.from_pretrained(directory).to(device).eval()
+
+
+def _register_for_auto_classes(model_class: type) -> None:
+    """So that save_pretrained writes the auto_map and copies modeling_kprune.py, as remote code does."""
+    model_class.register_for_auto_class(_auto_class(model_class))
+    model_class.config_class.register_for_auto_class()
 
 
 def _load_v1(directory: Path, device: str | torch.device) -> nn.Module:
     meta = read_meta(directory)
-    config = transformers.AutoConfig.from_pretrained(directory)
     stock_class = getattr(transformers, meta["architecture"], None)
     if stock_class is None:
         raise ValueError(f"transformers has no model class {meta['architecture']!r}")
-    config.heads_per_layer, config.neurons_per_layer = meta["heads_per_layer"], meta["neurons_per_layer"]
     model_class = _pruned_class(stock_class)
+    fields = json.loads((directory / CONFIG_FILE).read_text())
+    fields = {key: value for key, value in fields.items() if key not in _CLASS_KEYS}
+    counts = {"heads_per_layer": meta["heads_per_layer"], "neurons_per_layer": meta["neurons_per_layer"]}
+    config = model_class.config_class.from_dict({**fields, **counts})
+    _register_for_auto_classes(model_class)
     # from_pretrained builds the model on the meta device and assigns the given weights.
     state_dict = load_file(directory / V1_WEIGHTS_FILE)
     return model_class.from_pretrained(None, config=config, state_dict=state_dict).to(device).eval()
 
 
 def is_pruned_folder(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """A folder :func:`load_pruned` reads (kprune.json, or a kprune model's config)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or _has_pruned_config(path)

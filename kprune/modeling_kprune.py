@@ -150,25 +150,30 @@ class PrunedLayers:
 
 # One config class per family: the family's config under its own model_type, so that loading a pruned
 # folder without trust_remote_code stops with transformers' "contains custom code" message instead
-# of a shape mismatch.
+# of a shape mismatch; pruned_family names the family (the keys of LAYOUTS).
 class KPrunedBertConfig(BertConfig):
     model_type = "kprune-bert"
+    pruned_family = "bert"
 
 
 class KPrunedRobertaConfig(RobertaConfig):
     model_type = "kprune-roberta"
+    pruned_family = "roberta"
 
 
 class KPrunedXLMRobertaConfig(XLMRobertaConfig):
     model_type = "kprune-xlm-roberta"
+    pruned_family = "xlm-roberta"
 
 
 class KPrunedDistilBertConfig(DistilBertConfig):
     model_type = "kprune-distilbert"
+    pruned_family = "distilbert"
 
 
 class KPrunedElectraConfig(ElectraConfig):
     model_type = "kprune-electra"
+    pruned_family = "electra"
 
 
 class KPrunedBertForSequenceClassification(PrunedLayers, BertForSequenceClassification):

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kprune
 from kprune import modeling_kprune
 from kprune.arch import FAMILIES as ARCH_FAMILIES
+from kprune.arch import family_of
 from kprune.io import META_FILE, MODELING_FILE, read_meta
 from kprune.models import model_logits
 from kprune.sublayer import Sublayer, unit_counts
@@ -33,7 +34,7 @@ def test_round_trip_gives_identical_logits(tmp_path, family, task):
     model, sample, result = pruned(family, task)
     kprune.save_pruned(result.model, tmp_path, record=result.record)
     loaded = kprune.load_pruned(tmp_path)
-    assert isinstance(loaded, type(model)) and loaded.config.model_type == model.config.model_type
+    assert isinstance(loaded, type(model)) and family_of(loaded) is family_of(model)
     assert not loaded.training
     assert unit_counts(loaded) == unit_counts(result.model)
     assert torch.equal(model_logits(loaded, sample), model_logits(result.model, sample))
@@ -57,6 +58,18 @@ def test_folder_is_a_custom_code_model_repository(tmp_path, family, task):
     assert (tmp_path / f"{module}.py").read_text() == Path(modeling_kprune.__file__).read_text()
     assert config["auto_map"]["AutoConfig"].split(".")[0] == module
     assert {"model.safetensors", "README.md", META_FILE} <= {path.name for path in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("family,task", [("roberta", "classification"), ("electra", "qa")])
+def test_save_pretrained_of_a_loaded_model_writes_a_loadable_folder(tmp_path, family, task):
+    _, sample, result = pruned(family, task)
+    kprune.save_pruned(result.model, tmp_path / "pruned")
+    kprune.load_pruned(tmp_path / "pruned").save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert config["model_type"] == f"kprune-{family}" and len(config["auto_map"]) == 2
+    assert (tmp_path / "resaved" / MODELING_FILE).read_text() == Path(modeling_kprune.__file__).read_text()
+    reloaded = kprune.load_pruned(tmp_path / "resaved")  # no kprune.json: the config says it all
+    assert torch.equal(model_logits(reloaded, sample), model_logits(result.model, sample))
 
 
 def test_modeling_file_imports_only_torch_and_transformers():

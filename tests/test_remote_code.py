@@ -42,7 +42,9 @@ for case in cases:
     model = auto.from_pretrained(folder, trust_remote_code=True).eval()
     model.save_pretrained(case["resaved"])
     resaved = auto.from_pretrained(case["resaved"], trust_remote_code=True).eval()
-    torch.save({"logits": logits(model), "resaved": logits(resaved)}, case["out"])
+    from_kprune = auto.from_pretrained(case["kprune_resaved"], trust_remote_code=True).eval()
+    outputs = {"logits": logits(model), "resaved": logits(resaved), "kprune_resaved": logits(from_kprune)}
+    torch.save(outputs, case["out"])
     report[folder] = {"class": type(model).__name__}
     if not qa:  # transformers 5 has no question-answering pipeline
         pipe = transformers.pipeline("text-classification", model=folder, trust_remote_code=True)
@@ -78,6 +80,7 @@ def test_transformers_alone_loads_every_family_and_head(tmp_path):
             tokenizer.model_input_names = ["input_ids", "attention_mask"]
         kprune.save_pruned(result.model, folder, record=result.record, tokenizer=tokenizer)
         loaded = kprune.load_pruned(folder)
+        loaded.save_pretrained(tmp_path / f"{family}-{task}-kprune-resaved")  # kprune's model, saved
         torch.save(sample, tmp_path / f"{family}-{task}.inputs.pt")
         expected[str(folder)] = model_logits(loaded, sample)
         if task != "qa":
@@ -90,6 +93,7 @@ def test_transformers_alone_loads_every_family_and_head(tmp_path):
                 "inputs": str(tmp_path / f"{family}-{task}.inputs.pt"),
                 "out": str(tmp_path / f"{family}-{task}.out.pt"),
                 "resaved": str(tmp_path / f"{family}-{task}-resaved"),
+                "kprune_resaved": str(tmp_path / f"{family}-{task}-kprune-resaved"),
                 "texts": TEXTS,
             }
         )
@@ -117,6 +121,7 @@ def test_transformers_alone_loads_every_family_and_head(tmp_path):
         outputs = torch.load(case["out"])
         assert torch.equal(outputs["logits"], expected[folder]), folder
         assert torch.equal(outputs["resaved"], expected[folder]), folder
+        assert torch.equal(outputs["kprune_resaved"], expected[folder]), folder
         assert report[folder]["class"].startswith("KPruned")
         if case["task"] != "qa":
             assert report[folder]["pipeline"] == json.loads(json.dumps(pipelines[folder])), folder
