@@ -8,8 +8,11 @@ activations quantised on the fly).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +75,19 @@ def export_onnx(model: nn.Module, path: str | Path, *, quantize: str | None = No
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx" if quantize else path
-        torch.onnx.export(
-            _TaskOutputs(model),
-            (),
-            f=str(float_path),
-            kwargs=example,
-            input_names=list(example),
-            output_names=output_names(model),
-            dynamic_shapes={name: {0: batch, 1: sequence} for name in example},
-            dynamo=True,
-            external_data=False,  # one self-contained file
-            verbose=False,
-        )
+        with _quiet("torch.onnx"):
+            torch.onnx.export(
+                _TaskOutputs(model).eval(),
+                (),
+                f=str(float_path),
+                kwargs=example,
+                input_names=list(example),
+                output_names=output_names(model),
+                dynamic_shapes={name: {0: batch, 1: sequence} for name in example},
+                dynamo=True,
+                external_data=False,  # one self-contained file
+                verbose=False,
+            )
         if quantize == "int8":
             import onnx
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -93,8 +97,25 @@ def export_onnx(model: nn.Module, path: str | Path, *, quantize: str | None = No
             graph = onnx.load(str(float_path))
             del graph.graph.value_info[:]
             onnx.save(graph, str(float_path))
-            quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
+            with _quiet(""):  # the quantiser logs on the root logger
+                quantize_dynamic(float_path, path, weight_type=QuantType.QInt8)
     return path
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Without the warnings of the exporter (absent torchvision ops, deprecations, renamed axes) or of
+    the quantiser (advice to pre-process, which fails on these graphs): they say nothing about this
+    graph. Errors still raise."""
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        quieted.setLevel(level)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
