@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # The public names and their modules, imported on first use: `import kprune.cli` (and so `kprune
-# --help`) then loads neither torch nor transformers.
+# --help`) then loads neither torch nor transformers. (kprune.io reads __version__ above.)
 _EXPORTS = {
     "KPruneConfig": "kprune.config",
     "PruneRecord": "kprune.record",

@@ -27,7 +27,7 @@ import transformers
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from kprune import modeling_kprune
+from kprune import __version__, modeling_kprune
 from kprune.arch import family_of
 from kprune.card import model_card
 from kprune.sublayer import unit_counts
@@ -117,8 +117,6 @@ def save_pruned(
 
 def write_card(model: nn.Module, directory: str | Path, meta: Mapping) -> None:
     """(Re)write the folder's README.md from its kprune.json contents."""
-    from kprune import __version__  # the package imports this module
-
     card = model_card(
         model,
         meta.get("record"),
