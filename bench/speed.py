@@ -1,5 +1,5 @@
-"""Inference speed: CPU latency and throughput of the teacher and of pruned models, warm, median of repeats,
-and the speedup against the ideal 1 / FLOPs kept.
+"""Inference speed: CPU latency and throughput of the teacher and of pruned models in torch and in
+onnxruntime, warm, median of repeats, and the speedup against the ideal 1 / FLOPs kept.
 
     python -m bench.speed                      # structures from bench/results/accuracy.json if it exists
     python -m bench.speed --batch-sizes 1 --seq-lens 64 --repeats 3 --budgets 0.5   # a smoke run
@@ -9,6 +9,9 @@ come from the K-prune runs of the accuracy sweep (--structures); budgets it does
 with --sample-tokens. Models take turns within each repeat, so load from other processes hits all alike.
 Inputs are full-length sequences (no padding). The ideal speedup is the FLOPs ratio at that sequence
 length (kprune's FLOPs model: heads and neurons only; embeddings, LayerNorm and classifier are not pruned).
+Each model also runs as the float ONNX graph of ``kprune export-onnx`` in onnxruntime (--runtimes), in
+the same turns, with as many intra-op threads as torch; speedups compare models within one runtime, and
+``vs torch`` compares a model's onnxruntime latency with its torch latency.
 Writes <out>/speed.json, speed.png (speedup vs FLOPs kept, with the ideal) and speed.md.
 """
 
@@ -19,6 +22,7 @@ import copy
 import json
 import logging
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +48,8 @@ from kprune.sublayer import encoder_flops_of, set_unit_counts, unit_counts
 
 NAME = "speed"
 TEACHER = "teacher"
+TORCH, ONNXRUNTIME = "torch", "onnxruntime"
+RUNTIMES = (TORCH, ONNXRUNTIME)
 EFFICIENCY_TARGET = 0.8  # pruned models should reach 0.8 x the ideal speedup at batch 32
 
 
@@ -59,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (%(default)s)")
     parser.add_argument(
+        "--runtimes", type=runtime_names, default=list(RUNTIMES), help=f"of: {', '.join(RUNTIMES)}"
+    )
+    parser.add_argument(
         "--structures",
         type=Path,
         default=None,
@@ -71,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sample of prunes not in --structures (%(default)s)",
     )
     return parser.parse_args(argv)
+
+
+def runtime_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(RUNTIMES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {unknown}; choose from {', '.join(RUNTIMES)}")
+    return names
 
 
 def known_structures(path: Path | None) -> dict[tuple[str, float], tuple[list[int], list[int]]]:
@@ -122,41 +139,102 @@ def inputs(batch: int, length: int, vocab: int, seed: int) -> dict[str, torch.Te
     }
 
 
-def time_models(models: list[dict], batch: dict, repeats: int, warmup: int) -> list[list[float]]:
-    """Seconds of each call, models taking turns inside every repeat."""
-    times: list[list[float]] = [[] for _ in models]
+def time_models(runs: list[dict], batch: dict, repeats: int, warmup: int) -> list[list[float]]:
+    """Seconds of each call, the runs (a model in a runtime) taking turns inside every repeat."""
+    times: list[list[float]] = [[] for _ in runs]
     with torch.inference_mode():
-        for entry in models:
+        arguments = [run["inputs"](batch) for run in runs]  # converted once, outside the timing
+        for run, given in zip(runs, arguments, strict=True):
             for _ in range(warmup):
-                entry["model"](**entry["inputs"](batch))
+                run["call"](given)
         for _ in range(repeats):
-            for entry, spent in zip(models, times, strict=True):
-                arguments = entry["inputs"](batch)
+            for run, given, spent in zip(runs, arguments, times, strict=True):
                 started = time.perf_counter()
-                entry["model"](**arguments)
+                run["call"](given)
                 spent.append(time.perf_counter() - started)
     return times
 
 
-def model_inputs_for(model: torch.nn.Module):
+def torch_run(model: torch.nn.Module) -> dict:
     import inspect
 
     accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
-    return lambda batch: {name: value for name, value in batch.items() if name in accepted}
+    return {
+        "inputs": lambda batch: {name: value for name, value in batch.items() if name in accepted},
+        "call": lambda given: model(**given),
+    }
+
+
+def onnxruntime_run(model: torch.nn.Module, folder: Path, name: str) -> dict:
+    """The model's float ONNX export (kprune export-onnx) in an onnxruntime session."""
+    from kprune.onnx_export import export_onnx, onnx_session
+
+    path = export_onnx(model, folder / f"{name.replace(' ', '_')}.onnx")
+    session = onnx_session(path, threads=torch.get_num_threads())
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    return {
+        "inputs": lambda batch: {name: batch[name].numpy() for name in names},
+        "call": lambda given: session.run(None, given),
+    }
+
+
+def runtime_call(runtime: str, entry: dict, onnx_folder: Path) -> dict:
+    if runtime == TORCH:
+        return torch_run(entry["model"])
+    return onnxruntime_run(entry["model"], onnx_folder, entry["name"])
+
+
+def shape_rows(
+    runs: list[dict], times: list[list[float]], teacher: torch.nn.Module, batch_size: int, seq_len: int
+) -> list[dict]:
+    """One row per run at one input shape; speedups against the teacher in the same runtime."""
+    medians = {
+        (run["name"], run["runtime"]): statistics.median(spent)
+        for run, spent in zip(runs, times, strict=True)
+    }
+    teacher_flops = encoder_flops_of(teacher, seq_len)
+    rows = []
+    for run, spent in zip(runs, times, strict=True):
+        median = medians[(run["name"], run["runtime"])]
+        kept = encoder_flops_of(run["model"], seq_len) / teacher_flops
+        speedup = medians[(TEACHER, run["runtime"])] / median
+        torch_median = medians.get((run["name"], TORCH))
+        rows.append(
+            {
+                "model": run["name"],
+                "runtime": run["runtime"],
+                "method": run["method"],
+                "flops_keep": run["flops_keep"],
+                "batch_size": batch_size,
+                "seq_len": seq_len,
+                "median_seconds": median,
+                "min_seconds": min(spent),
+                "seconds": spent,
+                "sequences_per_second": batch_size / median,
+                "tokens_per_second": batch_size * seq_len / median,
+                "flops_kept_at_length": kept,
+                "speedup": speedup,
+                "ideal_speedup": 1 / kept,
+                "fraction_of_ideal": speedup * kept,
+                "speedup_over_torch": None if torch_median is None else torch_median / median,
+            }
+        )
+    return rows
 
 
 def plot(path: Path, rows: list[dict]) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for shape in dict.fromkeys((r["batch_size"], r["seq_len"]) for r in rows):
+    for shape in dict.fromkeys((r["runtime"], r["batch_size"], r["seq_len"]) for r in rows):
         points = sorted(
             (r["flops_kept_at_length"], r["speedup"])
             for r in rows
-            if (r["batch_size"], r["seq_len"]) == shape and r["model"] != TEACHER
+            if (r["runtime"], r["batch_size"], r["seq_len"]) == shape and r["model"] != TEACHER
         )
         if points:
             x, y = zip(*points, strict=True)
-            axes.plot(x, y, marker="o", label=f"batch {shape[0]}, seq {shape[1]}")
+            style = "-" if shape[0] == TORCH else ":"
+            axes.plot(x, y, style, marker="o", label=f"{shape[0]}, batch {shape[1]}, seq {shape[2]}")
     kept = sorted({r["flops_kept_at_length"] for r in rows if r["model"] != TEACHER})
     if kept:
         grid = [kept[0] + (1 - kept[0]) * i / 50 for i in range(51)]
@@ -174,6 +252,7 @@ def table(rows: list[dict]) -> str:
     body = [
         [
             r["model"],
+            r["runtime"],
             r["batch_size"],
             r["seq_len"],
             f"{1000 * r['median_seconds']:.2f}",
@@ -182,10 +261,23 @@ def table(rows: list[dict]) -> str:
             f"{r['speedup']:.2f}",
             f"{r['ideal_speedup']:.2f}",
             f"{r['fraction_of_ideal']:.2f}",
+            "" if r["speedup_over_torch"] is None else f"{r['speedup_over_torch']:.2f}",
         ]
         for r in rows
     ]
-    headers = ["model", "batch", "seq", "median ms", "seq/s", "FLOPs kept", "speedup", "ideal", "x ideal"]
+    headers = [
+        "model",
+        "runtime",
+        "batch",
+        "seq",
+        "median ms",
+        "seq/s",
+        "FLOPs kept",
+        "speedup",
+        "ideal",
+        "x ideal",
+        "vs torch",
+    ]
     return markdown_table(headers, body)
 
 
@@ -198,41 +290,32 @@ def main(argv: list[str] | None = None) -> dict:
         {"name": TEACHER, "method": None, "flops_keep": 1.0, "model": teacher, "source": str(args.teacher)}
     ]
     models += pruned_models(args, teacher)
-    for entry in models:
-        entry["inputs"] = model_inputs_for(entry["model"])
     vocab = teacher.config.vocab_size
     info = machine()
     rows = []
-    for batch_size in args.batch_sizes:
-        for seq_len in args.seq_lens:
-            batch = inputs(batch_size, seq_len, vocab, args.seed)
-            times = time_models(models, batch, args.repeats, args.warmup)
-            teacher_median = statistics.median(times[0])
-            teacher_flops = encoder_flops_of(teacher, seq_len)
-            for entry, spent in zip(models, times, strict=True):
-                median = statistics.median(spent)
-                kept = encoder_flops_of(entry["model"], seq_len) / teacher_flops
-                speedup = teacher_median / median
-                rows.append(
-                    {
-                        "model": entry["name"],
-                        "method": entry["method"],
-                        "flops_keep": entry["flops_keep"],
-                        "batch_size": batch_size,
-                        "seq_len": seq_len,
-                        "median_seconds": median,
-                        "min_seconds": min(spent),
-                        "seconds": spent,
-                        "sequences_per_second": batch_size / median,
-                        "tokens_per_second": batch_size * seq_len / median,
-                        "flops_kept_at_length": kept,
-                        "speedup": speedup,
-                        "ideal_speedup": 1 / kept,
-                        "fraction_of_ideal": speedup * kept,
-                    }
+    with tempfile.TemporaryDirectory() as onnx_folder:
+        runs = [
+            {**entry, "runtime": runtime, **runtime_call(runtime, entry, Path(onnx_folder))}
+            for runtime in args.runtimes
+            for entry in models
+        ]
+        for batch_size in args.batch_sizes:
+            for seq_len in args.seq_lens:
+                times = time_models(
+                    runs, inputs(batch_size, seq_len, vocab, args.seed), args.repeats, args.warmup
                 )
-            print(f"batch {batch_size}, seq {seq_len}: teacher {1000 * teacher_median:.2f} ms", flush=True)
-    at_32 = [r["fraction_of_ideal"] for r in rows if r["batch_size"] == 32 and r["model"] != TEACHER] or None
+                rows += shape_rows(runs, times, teacher, batch_size, seq_len)
+                teachers = ", ".join(
+                    f"{row['runtime']} {1000 * row['median_seconds']:.2f} ms"
+                    for row in rows[-len(runs) :]
+                    if row["model"] == TEACHER
+                )
+                print(f"batch {batch_size}, seq {seq_len}: teacher {teachers}", flush=True)
+    at_32 = [
+        r["fraction_of_ideal"]
+        for r in rows
+        if r["batch_size"] == 32 and r["model"] != TEACHER and r["runtime"] == TORCH
+    ] or None
     payload = {
         "benchmark": NAME,
         "machine": info,
@@ -244,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seq_lens": args.seq_lens,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "runtimes": args.runtimes,
         },
         "models": [
             {
@@ -265,8 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
     notes = [
         f"Median of {args.repeats} warm calls ({args.warmup} warm-up) per model and shape, models "
         f"taking turns; {torch.get_num_threads()} torch threads, float32, torch.inference_mode.",
-        "speedup = teacher median / model median; ideal = 1 / FLOPs kept at that length; "
-        "x ideal = speedup / ideal.",
+        "speedup = teacher median / model median in the same runtime; ideal = 1 / FLOPs kept at that "
+        "length; x ideal = speedup / ideal; vs torch = the model's torch median / its median here.",
+        "onnxruntime: the float graph of kprune export-onnx, CPU provider, intra-op threads = torch threads.",
     ]
     text = write_markdown(
         args.out / f"{NAME}.md", "Inference latency and speedup (CPU)", info, table(rows), notes

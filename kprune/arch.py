@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kprune.tasks import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION
+
 ATTENTION = "attention"
 FFN = "ffn"
 
@@ -90,17 +92,15 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
-QUESTION_ANSWERING = "question-answering"
-
 
 class UnsupportedModelError(ValueError):
     """The model is not an encoder family or task head that kprune knows."""
 
 
 def family_of(model: nn.Module) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    # A pruned folder's config (kprune.modeling_kprune) has a model_type of its own and names its family.
+    model_type = getattr(config, "pruned_family", None) or getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"kprune cannot prune model_type {model_type!r} ({type(model).__name__}); "
@@ -161,24 +161,3 @@ def encoder_input(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     finally:
         handle.remove()
     raise RuntimeError("the model never called its first encoder layer")
-
-
-class EmptyAttention(nn.Module):
-    """Self-attention with every head pruned: it contributes only the output bias.
-
-    transformers reshapes q/k/v with ``view(..., -1, head_dim)``, which fails on zero heads, so the
-    attention module is swapped for this one. It keeps the original (now zero-width) linear maps under
-    their original names, so state-dict keys and adapter paths do not change.
-    """
-
-    def __init__(self, original: nn.Module, output_name: str | None):
-        super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        self.output_name = output_name
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        if self.output_name is not None:  # the output projection lives inside this module (DistilBERT)
-            return getattr(self, self.output_name)(context), None
-        return context, None

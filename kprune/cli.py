@@ -5,37 +5,33 @@ loaded from the hub unless ``--data`` gives a local file) or a local file with c
 
 Mistakes a user can make (a missing file or column, a bad budget, an unsupported model) end in one
 line ``kprune: error: ...`` and exit code 2; ``--verbose`` adds the traceback.
+
+Building the parser imports only light modules (kprune.config, kprune.tasks): torch, transformers and
+datasets are imported inside the commands, so ``kprune --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import torch
-import transformers
-from torch import nn
-from tqdm.contrib.logging import logging_redirect_tqdm
+from kprune.config import DEFAULT_NUM_TOKENS, PRESETS, KPruneConfig
+from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE, TASKS, TaskSpec, custom_task, get_task
 
-from kprune.api import prune
-from kprune.arch import task_of
-from kprune.config import PRESETS, KPruneConfig
-from kprune.data import DEFAULT_NUM_TOKENS, calibration_sample, check_model_for_task, load_task_split
-from kprune.evaluate import evaluate_model, evaluation_set
-from kprune.io import is_pruned_folder, read_meta, save_pruned
-from kprune.memory import limit_heap_fragmentation
-from kprune.models import load_model, resolve_device
-from kprune.record import PruneRecord
-from kprune.sample import REFERENCE, resolve_seq_len
-from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
-from kprune.tasks import TASKS, TaskSpec, custom_task, get_task
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kprune.record import PruneRecord
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +77,10 @@ NON_NEGATIVE = _number(float, lambda value: value >= 0, "a number >= 0")
 
 
 def _device(text: str) -> torch.device:
+    import torch
+
+    from kprune.models import resolve_device
+
     try:
         device = resolve_device(text)
     except RuntimeError as error:
@@ -124,6 +124,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default auto)",
     )
+    _add_noise(parser)
+
+
+def _add_noise(parser: argparse.ArgumentParser) -> None:
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("--quiet", action="store_true", help="only warnings and errors; no progress bars")
     noise.add_argument("--verbose", action="store_true", help="debug logging; tracebacks on errors")
@@ -361,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="sequences per forward pass (default 64)",
     )
+    eval_parser.add_argument(
+        "--add-to-card",
+        action="store_true",
+        help="also record the metrics in the kprune folder's kprune.json and model card (README.md)",
+    )
     _add_common(eval_parser)
     eval_parser.set_defaults(run=run_eval)
 
@@ -391,6 +400,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo_parser)
     demo_parser.set_defaults(run=run_demo)
     _add_batch_commands(commands)
+
+    onnx_parser = commands.add_parser(
+        "export-onnx",
+        help="export a model to ONNX (dynamic batch and sequence axes), checked with onnxruntime",
+        description="Export a kprune folder (or any model 'kprune eval' takes) to one ONNX file with "
+        "dynamic batch and sequence axes, then run it with onnxruntime beside torch on a batch of "
+        "another shape: the largest logit difference is printed, and a float export beyond the tolerance "
+        "(kprune.onnx_export.TOLERANCE) fails. Needs the onnx extra: pip install 'kprune[onnx]'.",
+        epilog="example: kprune export-onnx pruned/ --out pruned.onnx --quantize int8",
+    )
+    onnx_parser.add_argument("model", metavar="DIR_OR_PATH", help="a kprune folder, a model folder or hub id")
+    onnx_parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    onnx_parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: onnxruntime's dynamic quantisation (int8 weights, activations quantised at run time)",
+    )
+    _add_noise(onnx_parser)  # the export runs on the CPU
+    onnx_parser.set_defaults(run=run_export_onnx)
     return parser
 
 
@@ -491,6 +519,8 @@ def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
         raise ValueError("give --data (a local file) or --task (a known task, loaded from the hub)")
     if args.task is None and args.hub_dataset is not None:
         raise ValueError("--hub-dataset needs a --task: it says where that task's data lives")
+    from kprune.arch import task_of
+
     task = get_task(args.task) if args.task is not None else custom_task(task_of(model))
     return task.with_columns(
         text_column=args.text_column,
@@ -503,6 +533,8 @@ def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
 
 
 def _check_output_folder(path: Path) -> None:
+    from kprune.io import is_pruned_folder
+
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not is_pruned_folder(path):
@@ -525,6 +557,14 @@ def summary(record: PruneRecord) -> str:
 
 
 def run_prune(args: argparse.Namespace) -> None:
+    import torch
+
+    from kprune.api import prune
+    from kprune.data import calibration_sample, check_model_for_task, load_task_split
+    from kprune.io import save_pruned
+    from kprune.models import load_model
+    from kprune.sample import REFERENCE, resolve_seq_len
+
     out = Path(args.out)
     _check_output_folder(out)
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # prune() moves it to the device
@@ -558,12 +598,19 @@ def run_prune(args: argparse.Namespace) -> None:
         micro_batch_tokens=args.micro_batch_tokens,
         knowledge_tokens=args.knowledge_tokens,
     )
-    save_pruned(result.model, out, record=result.record, tokenizer=tokenizer)
+    save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)
     print(summary(result.record))
-    print(f"saved to {out.resolve()} (load with kprune.load_pruned)")
+    print(f"saved to {out.resolve()} (load with kprune.load_pruned, or transformers: see its README.md)")
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from kprune.data import check_model_for_task, load_task_split
+    from kprune.evaluate import evaluate_model, evaluation_set
+    from kprune.io import add_metrics, is_pruned_folder, read_meta
+    from kprune.models import load_model
+
+    if args.add_to_card and not is_pruned_folder(args.model):
+        raise ValueError(f"--add-to-card: {args.model} is not a folder written by kprune")
     model, tokenizer = load_model(args.model, args.device)
     task = _task(args, model)
     max_length = args.max_length or task.default_max_length
@@ -582,6 +629,9 @@ def run_eval(args: argparse.Namespace) -> None:
     record = read_meta(args.model)["record"] if is_pruned_folder(args.model) else None
     if record is not None:
         metrics["flops_kept"] = record["flops_kept"]
+    if args.add_to_card:
+        measured = {name: value for name, value in metrics.items() if isinstance(value, float)}
+        add_metrics(model, args.model, f"{metrics['task']}: {metrics['data']}", measured)
     print(json.dumps(metrics, indent=1))
 
 
@@ -664,32 +714,70 @@ def run_schedule(args: argparse.Namespace) -> None:
     schedule.serve(args.jobs, args.cron, args.timezone, args.name, _batch_options(args))
 
 
+def run_export_onnx(args: argparse.Namespace) -> None:
+    missing = [
+        name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ValueError(f"export-onnx needs {', '.join(missing)}: pip install 'kprune[onnx]'")
+    out = Path(args.out)
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; give the .onnx file to write")
+    import torch
+
+    from kprune.models import load_task_model
+    from kprune.onnx_export import TOLERANCE, example_batch, export_onnx, max_logit_difference
+
+    model = load_task_model(args.model, torch.device("cpu"))
+    export_onnx(model, out, quantize=args.quantize)
+    check = example_batch(model, batch=3, length=11, seed=1)  # not the traced shape: the axes are dynamic
+    difference = max_logit_difference(model, out, check)
+    print(f"onnxruntime check on a 3x11 batch: max |logit difference| {difference:.2e} against torch")
+    if args.quantize is None and difference > TOLERANCE:
+        raise ValueError(f"the ONNX graph's logits differ from torch's by {difference:.2e} > {TOLERANCE:g}")
+    print(f"saved to {out.resolve()}")
+
+
 # ---------------------------------------------------------------- entry point
 
 
 @contextlib.contextmanager
 def _console_logging(quiet: bool, verbose: bool) -> Iterator[None]:
-    """kprune's log lines on stderr for one command, kept apart from the progress bar."""
+    """kprune's log lines on stderr for one command, kept apart from kprune's progress bars.
+
+    transformers' and datasets' own bars ("Loading weights", "Map", ...) are off while a command runs:
+    each phase shows one bar, kprune's, and the log lines say what is being loaded."""
+    import datasets
+    import transformers
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     package_logger = logging.getLogger("kprune")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     previous_level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    if quiet:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    bars = (datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     try:
         with contextlib.nullcontext() if quiet else logging_redirect_tqdm(loggers=[package_logger]):
             yield
     finally:  # main() may run again in the same process (tests, notebooks)
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["kprune", *(sys.argv[1:] if argv is None else argv)])  # for model cards
+    from kprune.memory import limit_heap_fragmentation
+
     limit_heap_fragmentation()
     with _console_logging(args.quiet, args.verbose):
         try:

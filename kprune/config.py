@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kprune.knowledge import FISHER, KNOWLEDGE_SCALES, MEAN_SCALE, PREDICTIVE_MODES, RAW_SCALE
+# How predictive knowledge is measured (kprune.knowledge): the per-example Fisher, or the reference
+# code's squared batch-mean gradients.
+FISHER = "fisher"
+BATCH_GRADIENT = "batch-gradient"
+PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
+RAW_SCALE, MEAN_SCALE = "raw", "mean"  # how the knowledge terms are scaled
+KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
+DEFAULT_NUM_TOKENS = 100_000  # tokens of the calibration sample (the paper's)
 
 DEFAULT, PAPER = "default", "paper"
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from kprune import squad
 from kprune.arch import QUESTION_ANSWERING, REGRESSION, family_of, task_of
+from kprune.config import DEFAULT_NUM_TOKENS
 from kprune.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ TABLE_FORMATS: dict[str, tuple[str, dict]] = {
     ".parquet": ("parquet", {}),
 }
 TEXT_DTYPES = ("string", "large_string")
-DEFAULT_NUM_TOKENS = 100_000
 _LENGTH_CHUNK = 4096  # rows tokenized at once while measuring lengths
 
 

@@ -33,13 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
+from kprune.config import BATCH_GRADIENT, FISHER, KNOWLEDGE_SCALES, PREDICTIVE_MODES, RAW_SCALE
 from kprune.sublayer import Sublayer
-
-FISHER = "fisher"
-BATCH_GRADIENT = "batch-gradient"
-PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
-RAW_SCALE, MEAN_SCALE = "raw", "mean"
-KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
 
 
 def distillation_loss(

@@ -39,6 +39,22 @@ def model_batch(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, t
     return batch
 
 
+def load_task_model(name_or_path: str, device: torch.device) -> nn.Module:
+    """The model of :func:`load_model`, without its tokenizer, in eval mode."""
+    if not Path(name_or_path).expanduser().exists() and _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    try:
+        if is_pruned_folder(name_or_path):
+            model = load_pruned(name_or_path, device)
+        else:
+            model = _task_model_class(name_or_path).from_pretrained(name_or_path).to(device).eval()
+    except OSError as error:  # not found, offline, ...
+        raise OSError(f"cannot load model {name_or_path!r}: {error}") from error
+    family_of(model)  # unsupported families and heads fail here, before any pruning work
+    task_of(model)
+    return model
+
+
 def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.
     path = Path(name).expanduser()
@@ -61,18 +77,12 @@ def _task_model_class(name_or_path: str) -> type:
 def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, object]:
     """A fine-tuned classifier / regressor / QA model and its tokenizer, from a kprune folder, a local
     folder or a hub id."""
-    if not Path(name_or_path).expanduser().exists() and _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    model = load_task_model(name_or_path, device)
     try:
-        if is_pruned_folder(name_or_path):
-            model = load_pruned(name_or_path, device)
-        else:
-            model = _task_model_class(name_or_path).from_pretrained(name_or_path).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        # The model's config: a pruned folder's own config.json names remote code, which kprune never runs.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, config=model.config)
     except OSError as error:  # not found, offline, no tokenizer files, ...
-        raise OSError(f"cannot load model {name_or_path!r}: {error}") from error
-    family_of(model)  # unsupported families and heads fail here, before any pruning work
-    task_of(model)
+        raise OSError(f"cannot load the tokenizer of {name_or_path!r}: {error}") from error
     if not tokenizer.is_fast:
         raise UnsupportedModelError(f"{name_or_path}: kprune needs a fast (Rust) tokenizer")
     return model, tokenizer

@@ -32,11 +32,11 @@ import datasets
 import numpy as np
 import torch
 
+from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE
+
 logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 384
-STRIDE = 128
-MAX_QUESTION_TOKENS = 64  # BERT's run_squad.py max_query_length
 N_BEST = 20
 MAX_ANSWER_LENGTH = 30
 

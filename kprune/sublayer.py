@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kprune.arch import ATTENTION, FFN, EmptyAttention, Family, encoder_layers, family_of, head_dim_of
+from kprune.arch import ATTENTION, FFN, Family, encoder_layers, family_of, head_dim_of
 from kprune.flops import encoder_flops
+from kprune.modeling_kprune import EmptyAttention
 
 
 @dataclass

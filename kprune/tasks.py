@@ -15,10 +15,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION
-
+# The task kinds, one per head kprune knows (kprune.arch.task_of tells a model's).
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+QUESTION_ANSWERING = "question-answering"
 KINDS = (CLASSIFICATION, REGRESSION, QUESTION_ANSWERING)
 GLUE_HUB = "nyu-mll/glue"
+# QA windows (kprune.squad): context tokens shared by consecutive windows, and the question's cap.
+STRIDE = 128
+MAX_QUESTION_TOKENS = 64  # BERT's run_squad.py max_query_length
 DEFAULT_MAX_LENGTH = {CLASSIFICATION: 128, REGRESSION: 128, QUESTION_ANSWERING: 384}
 DEFAULT_METRICS = {
     CLASSIFICATION: ("accuracy", "macro_f1"),

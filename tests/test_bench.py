@@ -78,9 +78,14 @@ def test_accuracy_speed_cost_write_their_results(workspace):
     saved = written(workspace, "speed")
     sources = [model["source"] for model in saved["models"]]
     assert sources[1].startswith("structure") and sources[2].startswith("pruned here")
-    assert len(saved["rows"]) == 3 * 2
+    assert len(saved["rows"]) == 3 * 2 * 2  # models x runtimes x batch sizes
     for row in saved["rows"]:
         assert {"median_seconds", "sequences_per_second", "speedup", "fraction_of_ideal"} <= set(row)
+    onnxruntime_rows = [row for row in saved["rows"] if row["runtime"] == "onnxruntime"]
+    assert {(row["model"], row["batch_size"]) for row in onnxruntime_rows} == {
+        (model["name"], batch) for model in saved["models"] for batch in (1, 32)
+    }
+    assert all(row["speedup_over_torch"] > 0 for row in onnxruntime_rows)
     assert saved["targets"]["min_fraction_of_ideal_at_batch_32"] is not None
 
     plan = "--bert-base-plan kprune:60,kprune:120 --budgets 0.3 --no-pipeline"

@@ -135,6 +135,7 @@ def test_eval_of_a_regressor(tmp_path, capsys):
 
 
 def user_error(argv: list[str], capsys) -> str:
+    capsys.readouterr()  # what the test printed before, e.g. transformers' bars of save_pretrained
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--quiet"])
     assert exit_info.value.code == 2

@@ -12,10 +12,13 @@ from transformers import (
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
     ElectraConfig,
+    ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
     RobertaConfig,
+    RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
     XLMRobertaConfig,
+    XLMRobertaForQuestionAnswering,
     XLMRobertaForSequenceClassification,
 )
 
@@ -53,12 +56,17 @@ def tiny_model(family: str = "bert", task: str = "classification", num_labels: i
         )
         model_class = DistilBertForQuestionAnswering if task == "qa" else DistilBertForSequenceClassification
     else:
-        config_class, model_class = {
-            "bert": (BertConfig, BertForQuestionAnswering if task == "qa" else BertForSequenceClassification),
-            "roberta": (RobertaConfig, RobertaForSequenceClassification),
-            "xlm-roberta": (XLMRobertaConfig, XLMRobertaForSequenceClassification),
-            "electra": (ElectraConfig, ElectraForSequenceClassification),
+        config_class, classifier_class, qa_class = {
+            "bert": (BertConfig, BertForSequenceClassification, BertForQuestionAnswering),
+            "roberta": (RobertaConfig, RobertaForSequenceClassification, RobertaForQuestionAnswering),
+            "xlm-roberta": (
+                XLMRobertaConfig,
+                XLMRobertaForSequenceClassification,
+                XLMRobertaForQuestionAnswering,
+            ),
+            "electra": (ElectraConfig, ElectraForSequenceClassification, ElectraForQuestionAnswering),
         }[family]
+        model_class = qa_class if task == "qa" else classifier_class
         extra = {"embedding_size": 12} if family == "electra" else {}  # exercises ELECTRA's input projection
         config = config_class(num_labels=labels, pad_token_id=1, **_COMMON, **extra)
     if task == "regression":
