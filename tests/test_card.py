@@ -32,7 +32,7 @@ def test_card_states_source_budget_and_what_was_kept(tmp_path, family, task):
     assert (kept, original) == (sum(p.numel() for p in result.model.parameters()), teacher_parameters)
     assert f"| parameters | {kept:,} of {original:,} " in card.text
     assert f"| encoder FLOPs | {100 * result.record.flops_kept:.1f}% (budget 40.0%)" in card.text
-    assert "`lam_rep=0.00025`" in card.text and "python make_it.py" in card.text
+    assert f"`lam_rep={result.record.config['lam_rep']}`" in card.text and "python make_it.py" in card.text
     heads, neurons = unit_counts(result.model)
     for layer, (layer_heads, layer_neurons) in enumerate(zip(heads, neurons, strict=True)):
         assert f"| {layer} | {layer_heads}/4 | {layer_neurons}/24 |" in card.text
