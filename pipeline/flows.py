@@ -146,11 +146,8 @@ class CalibrationFiles:
     """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
 
     def __init__(self, batches: Batches, task_kind: str, device: torch.device, calibration: Path):
-        self.masks, self.device, self.calibration = (
-            [mask.cpu() for mask in token_masks(batches)],
-            device,
-            calibration,
-        )
+        self.masks = [mask.cpu() for mask in token_masks(batches)]
+        self.device, self.calibration = device, calibration
         self.logits = store.read_tokens(
             calibration / "teacher_logits.arrow", logit_masks(task_kind, batches), device
         )
