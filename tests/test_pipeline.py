@@ -137,7 +137,7 @@ def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(projec
 
 
 def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
-    straight_export = digest(project / "data/export/pruned.safetensors")
+    straight_export = digest(project / "data/export/model.safetensors")
     shutil.rmtree(project / "data/prune/iterations")  # forget the finished run: prune starts over
     # A bare dvc repro: the server its stage starts must not outlive the dvc run of the killed stage.
     killed = dvc(project, "repro", env={KILL_AFTER_ITERATION_ENV: "1", "PREFECT_API_URL": None}, check=False)
@@ -152,7 +152,7 @@ def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(project):
     assert "resuming at iteration 2 of 4" in resumed.stderr
     assert {path: path.stat().st_mtime_ns for path in iterations.glob("0[01]/*")} == finished  # not redone
     assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00", "01", "02", "03"]
-    assert digest(project / "data/export/pruned.safetensors") == straight_export
+    assert digest(project / "data/export/model.safetensors") == straight_export
 
 
 def test_experiment_on_the_budget(project):
