@@ -76,7 +76,7 @@ class Reference:
 
     @property
     def export_weights(self) -> str:
-        return digest(self.project / "data/export/pruned.safetensors")
+        return digest(self.project / "data/export/model.safetensors")
 
 
 def set_param(project: Path, section: str, name: str, value) -> None:

@@ -131,7 +131,7 @@ def test_killed_prune_resumes_where_it_stopped_with_an_identical_model(reference
     assert "resuming at iteration 2 of 4" in resumed.stderr
     assert {path: path.stat().st_mtime_ns for path in iterations.glob("0[01]/*")} == finished  # not redone
     assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00", "01", "02", "03"]
-    assert digest(project / "data/export/pruned.safetensors") == reference.export_weights
+    assert digest(project / "data/export/model.safetensors") == reference.export_weights
 
 
 def test_experiment_on_the_budget(workspace):

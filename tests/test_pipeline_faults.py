@@ -50,7 +50,7 @@ def assert_same_model(project: Path, reference) -> None:
     """The exported folder holds the reference run's model, to the last bit, and nothing half-written."""
     export, expected = project / "data/export", reference.project / "data/export"
     assert sorted(p.name for p in export.iterdir()) == sorted(p.name for p in expected.iterdir())
-    assert digest(export / "pruned.safetensors") == reference.export_weights
+    assert digest(export / "model.safetensors") == reference.export_weights
     assert digest(export / "config.json") == digest(expected / "config.json")
     assert temporaries(project) == []
 
@@ -132,7 +132,7 @@ def test_sigkill_during_the_exports_write_and_during_the_mlflow_write(reference,
     finishes with the reference model and no temporary left."""
     killed(workspace, "write:data/export", "--force", "--single-item", "export")
     assert [path.parent for path in temporaries(workspace)] == [workspace / "data"]  # the killed write's
-    assert digest(workspace / "data/export/pruned.safetensors") == reference.export_weights
+    assert digest(workspace / "data/export/model.safetensors") == reference.export_weights
     kprune.load_pruned(workspace / "data/export")  # whole: the old folder, not a mix
 
     killed(workspace, "mlflow:pruned-model", "--force", "--single-item", "export")
@@ -249,7 +249,7 @@ cp -a "$SAVED"/. data/
 set +e
 "$PYTHON" -m dvc repro --force --single-item export > "$OUT/stdout" 2> "$OUT/stderr"
 echo $? > "$OUT/returncode"
-sha256sum data/export/pruned.safetensors | cut -d' ' -f1 > "$OUT/weights"
+sha256sum data/export/model.safetensors | cut -d' ' -f1 > "$OUT/weights"
 find data -name '.*.tmp' > "$OUT/temporaries"
 """
 
