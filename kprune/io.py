@@ -16,6 +16,7 @@ import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from kprune.atomic import atomic_folder
 from kprune.sublayer import set_unit_counts, unit_counts
 
 WEIGHTS_FILE = "pruned.safetensors"
@@ -25,9 +26,20 @@ FORMAT_VERSION = 1
 
 
 def save_pruned(model: nn.Module, directory: str | Path, *, record=None, tokenizer=None) -> Path:
-    """Write a pruned model (and optionally its PruneRecord and tokenizer) to ``directory``."""
+    """Write a pruned model (and optionally its PruneRecord and tokenizer) to ``directory``.
+
+    The folder is written as a sibling and swapped in whole (kprune.atomic): an interrupted save leaves
+    the previous model intact. A non-empty folder not written by kprune is refused, never replaced.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and any(directory.iterdir()) and not is_pruned_folder(directory):
+        raise FileExistsError(f"{directory} is a non-empty folder not written by kprune; choose another")
+    with atomic_folder(directory) as temporary:
+        _write_pruned(model, temporary, record, tokenizer)
+    return directory
+
+
+def _write_pruned(model: nn.Module, directory: Path, record, tokenizer) -> None:
     heads, neurons = unit_counts(model)
     meta = {
         "format": FORMAT,
@@ -42,7 +54,6 @@ def save_pruned(model: nn.Module, directory: str | Path, *, record=None, tokeniz
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return directory
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -7,7 +7,6 @@ size. They are read back one record batch at a time and scattered into padded ba
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,24 +20,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from kprune.atomic import atomic_path
+
 VALUES = "values"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only if the block finishes: a crash mid-write
-    (kill -9 included) never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; outputs are ordinary files
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 
 def write_json(path: str | Path, data) -> None:
