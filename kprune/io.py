@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -60,7 +61,10 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a kprune pruned-model folder (no {META_FILE})")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not JSON: {error}); prune again into a new folder") from error
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
     return meta
@@ -75,8 +79,19 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn
     if model_class is None:
         raise ValueError(f"transformers has no model class {meta['architecture']!r}")
     model = model_class(config)
-    set_unit_counts(model, meta["heads_per_layer"], meta["neurons_per_layer"])
-    load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    weights = directory / WEIGHTS_FILE
+    try:
+        set_unit_counts(model, meta["heads_per_layer"], meta["neurons_per_layer"])
+        load_model(model, str(weights), strict=True, device=str(device))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights} is unreadable or truncated ({error}); prune again or restore it"
+        ) from error
+    except (ValueError, RuntimeError, KeyError) as error:  # shapes or names that differ from the weights
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{directory / META_FILE} does not match {weights} ({detail}); prune again or restore both"
+        ) from error
     return model.to(device).eval()
 
 

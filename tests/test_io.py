@@ -83,3 +83,37 @@ def test_saving_over_a_previous_model_replaces_it_and_refuses_other_folders(tmp_
     with pytest.raises(FileExistsError, match="non-empty folder not written by kprune"):
         kprune.save_pruned(first.model, tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    result = kprune.prune(tiny_model(), tiny_sample(), 0.5, progress=False)
+    return kprune.save_pruned(result.model, tmp_path / "pruned", record=result.record)
+
+
+def test_truncated_weights_are_one_error_naming_the_file(saved):
+    weights = saved / "pruned.safetensors"
+    for size in (weights.stat().st_size // 2, 4):
+        weights.write_bytes(weights.read_bytes()[:size])
+        with pytest.raises(ValueError, match=f"{weights} is unreadable or truncated .*; prune again"):
+            kprune.load_pruned(saved)
+
+
+@pytest.mark.parametrize("damage", ["a head too many", "a layer too few", "truncated"])
+def test_a_kprune_json_that_does_not_match_the_weights_is_one_error(saved, damage):
+    path = saved / META_FILE
+    meta = json.loads(path.read_text())
+    if damage == "a head too many":
+        meta["heads_per_layer"][0] += 1
+    elif damage == "a layer too few":
+        meta["heads_per_layer"], meta["neurons_per_layer"] = (
+            meta["heads_per_layer"][:1],
+            meta["neurons_per_layer"][:1],
+        )
+    path.write_text(json.dumps(meta)[: None if damage != "truncated" else 40])
+    with pytest.raises(ValueError) as error:
+        kprune.load_pruned(saved)
+    expected = (
+        "is damaged (not JSON" if damage == "truncated" else f"does not match {saved / 'pruned.safetensors'}"
+    )
+    assert str(path) in str(error.value) and expected in str(error.value)
