@@ -127,5 +127,5 @@ def check_finite_activations(model: nn.Module, batch: Mapping[str, torch.Tensor]
     if first:
         raise ValueError(
             f"the model's activations hold NaN or Inf from {first[0]} on the sample, although its weights "
-            f"are finite: values overflow {next(model.parameters()).dtype} (try float32)"
+            f"are finite: values overflow {next(model.parameters()).dtype}; check the model and its inputs"
         )

@@ -458,7 +458,7 @@ def test_nan_and_inf_are_named(tmp_path, data_csv, capsys):
     message = user_error(prune_args(folder, data_csv, tmp_path / "out", *KEEP), capsys)
     assert message.endswith(
         "the model's activations hold NaN or Inf from bert.encoder.layer.0.attention.self on the sample, "
-        "although its weights are finite: values overflow torch.float32 (try float32)"
+        "although its weights are finite: values overflow torch.float32; check the model and its inputs"
     )
     assert not (tmp_path / "out").exists()
 
