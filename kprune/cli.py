@@ -3,8 +3,10 @@
 Data is a registry task (``--task glue/mrpc``, ``--task squad``: columns, labels and metrics filled in,
 loaded from the hub unless ``--data`` gives a local file) or a local file with column options.
 
-Mistakes a user can make (a missing file or column, a bad budget, an unsupported model) end in one
-line ``kprune: error: ...`` and exit code 2; ``--verbose`` adds the traceback.
+Mistakes a user can make (a missing file or column, a bad budget, an unsupported model, an unwritable
+--out, a damaged model folder) end in one line ``kprune: error: ...`` and exit code 2, before any work
+where they can be known before it; Ctrl-C ends in ``kprune: error: interrupted; nothing written`` and
+exit code 130; ``--verbose`` adds the traceback. See the README's "When things go wrong".
 """
 
 from __future__ import annotations
