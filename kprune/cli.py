@@ -523,7 +523,7 @@ def _prune(args: argparse.Namespace, out: Path) -> None:
         if source is not None:
             logger.warning(
                 "--model is a kprune folder that keeps %.1f%% of its source's FLOPs; the budget applies to "
-                "it as it is: %.1f%% of the source",
+                "it as it is: about %.1f%% of the source",
                 100 * source["flops_kept"],
                 100 * source["flops_kept"] * _budget(args),
             )
