@@ -464,6 +464,19 @@ def _naming_a_full_disk(path: Path) -> Iterator[None]:
         ) from error
 
 
+def _check_free_space(path: Path, model: nn.Module) -> None:
+    """The embeddings are saved whatever the budget: a disk without room for them is known before work."""
+    import shutil
+
+    embeddings = model.get_input_embeddings().weight
+    needed, free = embeddings.numel() * embeddings.element_size(), shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(
+            f"no space left on the device of --out {path}: {free:,} bytes free, and the pruned model needs "
+            f"more than {needed:,} (its embeddings alone); free some space and run again"
+        )
+
+
 def _check_budget(model: nn.Module, flops_keep: float, seq_len: float) -> None:
     from kprune.api import smallest_flops_keep
 
@@ -504,6 +517,7 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def _prune(args: argparse.Namespace, out: Path) -> None:
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # prune() moves it to the device
+    _check_free_space(out, model)
     task = _task(args, model)
     max_length = args.max_length or task.default_max_length
     check_model_for_task(task, model, tokenizer, max_length)

@@ -524,29 +524,37 @@ def test_ctrl_c_is_one_line_and_keeps_the_previous_model(model_dir, data_csv, tm
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_model(model_dir, data_csv, tmp_path):
-    """A 1 MB tmpfs in a private mount namespace: the first prune fits, the second finds the disk full."""
+    """A 1 MB tmpfs in a private mount namespace: the first prune fits; with 16 kB left the second fails
+    while saving (its weights need 20 kB); with nothing left the third is refused before any work."""
     disk, copies = tmp_path / "disk", tmp_path / "copies"
     disk.mkdir(), copies.mkdir()
     cli = "import sys; from kprune.cli import main; sys.exit(main())"
-    prune = prune_args(model_dir, data_csv, disk / "pruned")
+    leave = (
+        f"import shutil; open('{disk}/filler', 'wb').write(bytes(shutil.disk_usage('{disk}').free - 16384))"
+    )
+    prune = " ".join(prune_args(model_dir, data_csv, disk / "pruned"))
+    logging_prune = prune.replace(" --quiet", "")  # its log shows whether any iteration ran
     script = f"""
         set -e
         mount -t tmpfs -o size=1m tmpfs {disk}
-        "$PYTHON" -c "$CLI" {" ".join(prune)} --flops-keep 0.5
+        "$PYTHON" -c "$CLI" {prune} --flops-keep 0.5
         cp -r {disk}/pruned {copies}/before
-        cat /dev/zero > {disk}/filler 2>/dev/null || true
+        "$PYTHON" -c "{leave}"
         set +e
-        "$PYTHON" -c "$CLI" {" ".join(prune)} --flops-keep 0.3 2> {copies}/stderr
-        echo $? > {copies}/code
+        "$PYTHON" -c "$CLI" {prune} --flops-keep 0.3 2> {copies}/stderr-save
+        echo $? > {copies}/code-save
         cp -r {disk}/pruned {copies}/after
         ls -A {disk} > {copies}/listing
+        cat /dev/zero >> {disk}/filler 2>/dev/null
+        "$PYTHON" -c "$CLI" {logging_prune} --flops-keep 0.3 2> {copies}/stderr-before
+        echo $? > {copies}/code-before
     """
     environment = {**os.environ, "PYTHON": sys.executable, "CLI": cli}
     command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
     result = subprocess.run(command, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (copies / "code").read_text().strip() == "2"
-    lines = (copies / "stderr").read_text().strip().splitlines()
+    assert (copies / "code-save").read_text().strip() == "2"
+    lines = (copies / "stderr-save").read_text().strip().splitlines()
     assert lines[-1] == (
         f"kprune: error: no space left on the device of --out {disk / 'pruned'}; nothing was written (a "
         "previous model there is intact); free some space and run again"
@@ -554,3 +562,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_model(model_dir, data_cs
     assert (copies / "listing").read_text().split() == ["filler", "pruned"]  # no half-written sibling
     before, after = ({p.name: p.read_bytes() for p in (copies / n).iterdir()} for n in ("before", "after"))
     assert after == before and "pruned.safetensors" in after
+
+    assert (copies / "code-before").read_text().strip() == "2"
+    log = (copies / "stderr-before").read_text()
+    assert "tokenized" not in log and "iteration 0" not in log  # no work was done: not even the sample
+    expected = f"kprune: error: no space left on the device of --out {disk / 'pruned'}: 0 bytes free, and "
+    assert (
+        log.strip()
+        .splitlines()[-1]
+        .startswith(expected + "the pruned model needs more than 3,840 (its embeddings alone)")
+    )
