@@ -77,6 +77,11 @@ def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, obje
         raise UnsupportedModelError(f"{name_or_path}: kprune needs a fast (Rust) tokenizer")
     if Path(name_or_path).expanduser().is_dir():
         check_own_tokenizer(Path(name_or_path).expanduser(), tokenizer)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise UnsupportedModelError(
+            f"the tokenizer of {name_or_path} holds only its {len(tokenizer)} special tokens: every word "
+            "would be unknown; give the model the tokenizer it was fine-tuned with"
+        )
     check_finite_weights(model, name_or_path)
     return model, tokenizer
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 from hub import glue_repo, squad_repo, squad_table
-from tiny import sentences, tiny_model, tiny_tokenizer
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from tiny import SPECIAL, sentences, tiny_model, tiny_tokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
 
 import kprune
 from kprune.cli import main
@@ -343,11 +343,20 @@ def test_the_demo_checks_its_out_first(tmp_path, capsys):
 def test_a_model_folder_without_its_own_tokenizer_is_refused(tmp_path, data_csv, capsys):
     folder = tmp_path / "no-tokenizer"
     tiny_model("bert", num_labels=2).save_pretrained(folder)  # transformers would invent a 5-token vocabulary
+    capsys.readouterr()  # transformers' progress bars
     for argv in (prune_args(folder, data_csv, tmp_path / "out", *KEEP), eval_args(folder, data_csv)):
         message = user_error(argv, capsys)
         assert f"model folder {folder} has no tokenizer of its own (tokenizer.json or vocab.txt)" in message
         assert message.endswith(f"tokenizer.save_pretrained('{folder}')")
     assert not (tmp_path / "out").exists()
+
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL) + "\n")  # tokenizer files without words
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    message = user_error(prune_args(folder, data_csv, tmp_path / "out", *KEEP), capsys)
+    assert message.endswith(
+        f"the tokenizer of {folder} holds only its 5 special tokens: every word would be unknown; give the "
+        "model the tokenizer it was fine-tuned with"
+    )
 
 
 @pytest.mark.parametrize(
