@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -9,10 +10,13 @@ from torch import nn
 
 from kprune.arch import family_of, task_of
 from kprune.config import KPruneConfig
-from kprune.iterate import iterate
-from kprune.models import model_batch, resolve_device
+from kprune.iterate import iterate, unit_flops
+from kprune.models import check_finite_activations, check_finite_weights, model_batch, resolve_device
 from kprune.record import PruneResult
-from kprune.sample import make_batches
+from kprune.sample import make_batches, resolve_seq_len
+from kprune.sublayer import encoder_flops_of, sublayers
+
+logger = logging.getLogger(__name__)
 
 
 def prune(
@@ -45,7 +49,46 @@ def prune(
         raise ValueError(f"options {sorted(options)} go into the config when a config is given")
     family_of(model)  # an unsupported family fails here, before any work
     task_of(model)
+    check_finite_weights(model)
     device = resolve_device(device)
     teacher = model.to(device).eval()
     batches = [model_batch(model, batch) for batch in make_batches(sample, config.batch_size, device)]
+    check_finite_activations(teacher, batches[0])
+    seq_len = resolve_seq_len(config.seq_len, [batch["attention_mask"] for batch in batches])
+    warn_about_the_inputs(teacher, batches, config.flops_keep, seq_len)
     return iterate(teacher, batches, config, offload=offload, progress=progress)
+
+
+def smallest_flops_keep(model: nn.Module, seq_len: float) -> float:
+    """The budget below which no unit fits: the cheapest head or neuron as a fraction of the FLOPs."""
+    cheapest = min(unit_flops(sub, seq_len) for sub in sublayers(model) if sub.num_units)
+    return cheapest / encoder_flops_of(model, seq_len)
+
+
+def min_sample_tokens(model: nn.Module) -> int:
+    """The documented minimum sample: as many tokens as the widest output projection has inputs (a layer's
+    FFN neurons); fewer leave the least squares of that projection underdetermined (the ridge alone)."""
+    return max(sub.output.in_features for sub in sublayers(model))
+
+
+def warn_about_the_inputs(model: nn.Module, batches, flops_keep: float, seq_len: float) -> None:
+    """Log a warning for a budget that keeps no unit and for a sample below the minimum."""
+    smallest = smallest_flops_keep(model, seq_len)
+    if flops_keep < smallest:
+        logger.warning(
+            "flops_keep %.3g is below the cheapest unit (%.3g of the FLOPs at %.1f tokens): every head and "
+            "neuron will be pruned and the model will predict from its embeddings alone",
+            flops_keep,
+            smallest,
+            seq_len,
+        )
+    tokens, minimum = int(sum(batch["attention_mask"].sum() for batch in batches)), min_sample_tokens(model)
+    if tokens < minimum:
+        logger.warning(
+            "the sample holds %d tokens, fewer than the %d inputs of the widest output projection (a layer's "
+            "FFN neurons): its least squares are underdetermined and rest on the ridge alone; use at least "
+            "%d tokens (the paper uses 100,000)",
+            tokens,
+            minimum,
+            minimum,
+        )

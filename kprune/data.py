@@ -23,6 +23,7 @@ cut into windows) and counted in the log.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +44,11 @@ from kprune.tasks import TaskSpec
 logger = logging.getLogger(__name__)
 
 # Suffix -> (datasets packaged loader, its options). A new local format is one entry.
+# CSV: only an empty cell is missing; pandas would also take the words NaN, null, NA, n/a, ... for nulls.
+CSV_NULLS = {"keep_default_na": False, "na_values": [""]}
 TABLE_FORMATS: dict[str, tuple[str, dict]] = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".csv": ("csv", CSV_NULLS),
+    ".tsv": ("csv", {"delimiter": "\t", **CSV_NULLS}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -76,10 +79,50 @@ def load_table(path: str | Path) -> datasets.Dataset:
             f"cannot read {path}: unknown extension {suffix!r}; "
             f"use one of {', '.join(TABLE_FORMATS)} or a datasets save_to_disk folder"
         )
+    loader, options = TABLE_FORMATS[suffix]
+    if loader != "parquet":
+        check_text_file(path)
     if suffix == ".json" and squad.is_official_json(path):
         return squad.read_official_json(path)
-    loader, options = TABLE_FORMATS[suffix]
-    return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train", **options)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # datasets' words for a table without rows
+            raise
+        only = " (only a header line)" if loader == "csv" else ""
+        raise ValueError(f"data file {path} has no rows{only}; it needs one row per example") from error
+    except datasets.exceptions.DatasetGenerationError as error:
+        raise ValueError(f"cannot read {path} as {suffix[1:].upper()}: {_root_cause(error)}") from error
+
+
+def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """One ValueError if a text data file is empty (or blank) or not UTF-8, naming the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank, offset = True, 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                position = offset + error.start
+                raise ValueError(
+                    f"data file {path} is not UTF-8 text (byte 0x{chunk[error.start]:02x} at offset "
+                    f"{position}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}"
+                ) from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"data file {path} is not UTF-8 text (it ends inside a character)") from None
+    if blank:
+        raise ValueError(f"data file {path} is empty; it needs a header line (or JSON keys) and rows")
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
 
 
 def check_columns(
@@ -243,15 +286,20 @@ def has_label_names(config) -> bool:
     return any(name != f"LABEL_{index}" for index, name in config.id2label.items())
 
 
+def _integral_floats_as_ints(values: np.ndarray) -> np.ndarray:
+    """Class ids read as floats (a CSV column that held empty cells) back as ints."""
+    if values.dtype.kind == "f" and np.all(values == np.round(values)):
+        return values.astype(np.int64)
+    return values
+
+
 def class_ids(values: Sequence, label_names: Sequence[str], where: str = "the data") -> np.ndarray:
     """Labels as class ids in ``label_names`` order: ids are checked, names matched in any letter case.
 
     Integral floats (a CSV column that once held empty cells) count as ids. One ValueError lists
     the unknown labels.
     """
-    values = np.asarray(list(values))
-    if values.dtype.kind == "f" and np.all(values == np.round(values)):
-        values = values.astype(np.int64)
+    values = _integral_floats_as_ints(np.asarray(list(values)))
     if np.issubdtype(values.dtype, np.integer):
         ids = values
         unknown = np.unique(values[(values < 0) | (values >= len(label_names))]).tolist()
@@ -293,6 +341,7 @@ def encode_labels(
                 f"the task has {len(label_names)} labels {list(label_names)}, the model {config.num_labels}"
             )
         return torch.as_tensor(_task_to_model_ids(label_names, config)[class_ids(values, label_names)])
+    values = _integral_floats_as_ints(values)
     if np.issubdtype(values.dtype, np.integer):
         ids = values
     elif values.dtype.kind in "UO":  # strings

@@ -17,18 +17,21 @@ folders (the unpruned config, ``pruned.safetensors``, counts in ``kprune.json``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from kprune import __version__, modeling_kprune
 from kprune.arch import family_of
+from kprune.atomic import atomic_folder
 from kprune.card import model_card
 from kprune.sublayer import unit_counts
 
@@ -95,9 +98,19 @@ def save_pruned(
     """Write a pruned model into ``directory``: config, weights, modeling file, kprune.json, model card.
 
     record: its PruneRecord; tokenizer: saved beside it (a pipeline needs one); metrics: measured
-    metrics by data set, for the card; command: the command line that made it, for the card."""
+    metrics by data set, for the card; command: the command line that made it, for the card.
+
+    The folder is written as a sibling and swapped in whole (kprune.atomic): an interrupted save leaves
+    the previous model intact. A non-empty folder not written by kprune is refused, never replaced."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and any(directory.iterdir()) and not is_pruned_folder(directory):
+        raise FileExistsError(f"{directory} is a non-empty folder not written by kprune; choose another")
+    with atomic_folder(directory) as temporary:
+        _write_pruned(model, temporary, record, tokenizer, metrics, command)
+    return directory
+
+
+def _write_pruned(model: nn.Module, directory: Path, record, tokenizer, metrics, command) -> None:
     pruned_config(model).save_pretrained(directory)
     save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     shutil.copyfile(modeling_kprune.__file__, directory / MODELING_FILE)
@@ -112,7 +125,6 @@ def save_pruned(
     write_card(model, directory, meta)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return directory
 
 
 def write_card(model: nn.Module, directory: str | Path, meta: Mapping) -> None:
@@ -150,7 +162,10 @@ def read_meta(directory: str | Path) -> dict:
                 "command": None,
             }
         raise FileNotFoundError(f"{directory} is not a kprune pruned-model folder (no {META_FILE})")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not JSON: {error}); prune again into a new folder") from error
     if meta.get("format") != FORMAT or meta.get("version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
     return meta
@@ -175,7 +190,36 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn
     if model_class is None:
         raise ValueError(f"{directory / CONFIG_FILE}: {architecture!r} is not a kprune model class")
     _register_for_auto_classes(model_class)
-    return model_class.from_pretrained(directory).to(device).eval()
+    with _weights_matching(directory / WEIGHTS_FILE, directory / CONFIG_FILE):
+        model = _checked(model_class.from_pretrained(directory, output_loading_info=True))
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _weights_matching(weights: Path, counts: Path) -> Iterator[None]:
+    """Loading errors as one ValueError naming the file: unreadable weights, or counts (per-layer heads and
+    neurons) that do not match them."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights} is unreadable or truncated ({error}); prune again or restore it"
+        ) from error
+    except (ValueError, RuntimeError, KeyError) as error:  # shapes or names that differ from the weights
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{counts} does not match {weights} ({detail}); prune again or restore both"
+        ) from error
+
+
+def _checked(loaded: tuple[nn.Module, dict]) -> nn.Module:
+    """The model from_pretrained(output_loading_info=True) built, if every weight matched (it would
+    otherwise initialise missing or mis-shaped weights at random)."""
+    model, info = loaded
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise KeyError(f"{kind.replace('_', ' ')}: {', '.join(map(str, sorted(info[kind])[:3]))}")
+    return model
 
 
 def _register_for_auto_classes(model_class: type) -> None:
@@ -196,8 +240,13 @@ def _load_v1(directory: Path, device: str | torch.device) -> nn.Module:
     config = model_class.config_class.from_dict({**fields, **counts})
     _register_for_auto_classes(model_class)
     # from_pretrained builds the model on the meta device and assigns the given weights.
-    state_dict = load_file(directory / V1_WEIGHTS_FILE)
-    return model_class.from_pretrained(None, config=config, state_dict=state_dict).to(device).eval()
+    weights = directory / V1_WEIGHTS_FILE
+    with _weights_matching(weights, directory / META_FILE):
+        state_dict = load_file(weights)
+        model = _checked(
+            model_class.from_pretrained(None, config=config, state_dict=state_dict, output_loading_info=True)
+        )
+    return model.to(device).eval()
 
 
 def is_pruned_folder(path: str | Path) -> bool:

@@ -85,4 +85,62 @@ def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, obje
         raise OSError(f"cannot load the tokenizer of {name_or_path!r}: {error}") from error
     if not tokenizer.is_fast:
         raise UnsupportedModelError(f"{name_or_path}: kprune needs a fast (Rust) tokenizer")
+    if Path(name_or_path).expanduser().is_dir():
+        check_own_tokenizer(Path(name_or_path).expanduser(), tokenizer)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise UnsupportedModelError(
+            f"the tokenizer of {name_or_path} holds only its {len(tokenizer)} special tokens: every word "
+            "would be unknown; give the model the tokenizer it was fine-tuned with"
+        )
+    check_finite_weights(model, name_or_path)
     return model, tokenizer
+
+
+def check_own_tokenizer(folder: Path, tokenizer) -> None:
+    """One error if a model folder has no tokenizer files: transformers then builds a tokenizer of the
+    special tokens alone, which reads every word as unknown, and nothing else would notice."""
+    files = dict(type(tokenizer).vocab_files_names)
+    if (folder / files.pop("tokenizer_file", "tokenizer.json")).is_file():
+        return
+    if files and all((folder / name).is_file() for name in files.values()):
+        return
+    needed = " or ".join(["tokenizer.json", " + ".join(files.values())] if files else ["tokenizer.json"])
+    raise UnsupportedModelError(
+        f"model folder {folder} has no tokenizer of its own ({needed}); save the tokenizer the model was "
+        f"fine-tuned with into it: tokenizer.save_pretrained({str(folder)!r})"
+    )
+
+
+def check_finite_weights(model: nn.Module, where: str | Path = "the model") -> None:
+    """One ValueError naming the parameters that hold NaN or Inf."""
+    bad = [name for name, value in model.named_parameters() if not torch.isfinite(value).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"{where} has NaN or Inf weights in {shown}; the model file is damaged or diverged")
+
+
+@torch.no_grad()
+def check_finite_activations(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """One ValueError naming the first module whose output holds NaN or Inf on ``batch``."""
+    first: list[str] = []
+
+    def watch(name: str):
+        def hook(module, inputs, output) -> None:
+            tensors = output if isinstance(output, tuple) else (output,)
+            finite = all(torch.isfinite(t).all() for t in tensors if isinstance(t, torch.Tensor))
+            if not first and not finite:
+                first.append(name)
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules() if name]
+    try:
+        model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if first:
+        raise ValueError(
+            f"the model's activations hold NaN or Inf from {first[0]} on the sample, although its weights "
+            f"are finite: values overflow {next(model.parameters()).dtype}; check the model and its inputs"
+        )

@@ -12,12 +12,8 @@ size. They are read back one record batch at a time and scattered into padded ba
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,71 +22,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from kprune import atomic
+from kprune.atomic import atomic_path
 from pipeline.faults import kill_point
 
 VALUES = "values"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only if the block finishes: a crash mid-write
-    (kill -9 included) never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; outputs are ordinary files
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-
-
-def remove_leftovers(path: Path) -> None:
-    """Temporaries of ``path`` that a killed earlier write left behind."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-_RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
-_AT_FDCWD = -100
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two existing paths atomically (Linux renameat2); False where the system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    done = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
-    return done == 0
-
-
-@contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``path`` that replaces the folder ``path`` as a whole if the block
-    finishes: readers (and a crash) see the old folder or the new one, never a mix of both."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    """kprune.atomic.atomic_folder with the pipeline's kill point ``write:PATH`` just before the swap."""
+    with atomic.atomic_folder(path) as temporary:
         yield temporary
-        os.chmod(temporary, 0o755)  # mkdtemp makes it private; outputs are ordinary folders
         kill_point(f"write:{path}")
-        if not path.exists():
-            os.replace(temporary, path)
-        elif not _exchange(temporary, path):  # elsewhere: a short moment without the folder
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-            os.replace(path, old / path.name)
-            os.replace(temporary, path)
-            shutil.rmtree(old)
-    finally:  # after a swap, the temporary holds the old folder
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_json(path: str | Path, data) -> None:

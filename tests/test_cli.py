@@ -1,11 +1,14 @@
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 from hub import glue_repo, squad_repo, squad_table
-from tiny import sentences, tiny_model, tiny_tokenizer
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from tiny import SPECIAL, sentences, tiny_model, tiny_tokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
 
 import kprune
 from kprune.cli import main
@@ -305,3 +308,290 @@ def test_squad_v2_from_a_hub_stand_in(tmp_path, capsys):
     )
     message = user_error([*argv, "--task", "squad_v2", "--max-question-tokens", "30"], capsys)
     assert "stride 8 must be in [0, -1): a window of max_length 32 holds a question of up to 30" in message
+
+
+# ---------------------------------------------------------------- faults and bad input (checked before work)
+
+
+KEEP = ["--flops-keep", "0.5"]
+
+
+def test_an_unwritable_out_is_named_before_anything_else(tmp_path, capsys):
+    """--out is created and probed first: a missing model is not even looked at."""
+    (tmp_path / "a-file").write_text("x")
+    missing = tmp_path / "no-model"
+    message = user_error(prune_args(missing, missing, tmp_path / "a-file" / "out", *KEEP), capsys)
+    assert message == (
+        f"kprune: error: --out {tmp_path / 'a-file' / 'out'} cannot be written (Not a directory); "
+        "choose a folder you can write to"
+    )
+    message = user_error(prune_args(missing, missing, "/proc/kprune-out", *KEEP), capsys)
+    assert message.startswith("kprune: error: --out /proc/kprune-out cannot be written (")
+    message = user_error(prune_args(missing, missing, tmp_path / "a-file", *KEEP), capsys)
+    assert message.endswith(f"--out {tmp_path / 'a-file'} is a file, not a folder")
+
+
+def test_the_demo_checks_its_out_first(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    message = user_error(["demo", "--out", str(tmp_path / "a-file" / "demo")], capsys)
+    assert message.endswith(
+        f"--out {tmp_path / 'a-file' / 'demo'} cannot be written (Not a directory); "
+        "choose a folder you can write to"
+    )
+
+
+def test_a_model_folder_without_its_own_tokenizer_is_refused(tmp_path, data_csv, capsys):
+    folder = tmp_path / "no-tokenizer"
+    tiny_model("bert", num_labels=2).save_pretrained(folder)  # transformers would invent a 5-token vocabulary
+    capsys.readouterr()  # transformers' progress bars
+    for argv in (prune_args(folder, data_csv, tmp_path / "out", *KEEP), eval_args(folder, data_csv)):
+        message = user_error(argv, capsys)
+        assert f"model folder {folder} has no tokenizer of its own (tokenizer.json or vocab.txt)" in message
+        assert message.endswith(f"tokenizer.save_pretrained('{folder}')")
+    assert not (tmp_path / "out").exists()
+
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL) + "\n")  # tokenizer files without words
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    message = user_error(prune_args(folder, data_csv, tmp_path / "out", *KEEP), capsys)
+    assert message.endswith(
+        f"the tokenizer of {folder} holds only its 5 special tokens: every word would be unknown; give the "
+        "model the tokenizer it was fine-tuned with"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", b"", "is empty; it needs a header line (or JSON keys) and rows"),
+        ("header.csv", b"sentence,label\n", "has no rows (only a header line); it needs one row per example"),
+        ("latin1.csv", "sentence\ncaf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 12)"),
+        ("empty.jsonl", b"", "is empty"),
+    ],
+)
+def test_unreadable_data_is_one_line_and_nothing_is_written(
+    model_dir, tmp_path, capsys, name, content, message
+):
+    data = tmp_path / name
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    assert message in user_error(prune_args(model_dir, data, out, *KEEP), capsys)
+    assert str(data) in user_error(eval_args(model_dir, data, "--text-column", "sentence"), capsys)
+    assert not out.exists()  # the --out made by the probe is removed again
+
+
+def test_a_budget_that_keeps_nothing_is_refused(model_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    message = user_error(prune_args(model_dir, data_csv, out, "--flops-keep", "0.001"), capsys)
+    assert "--flops-keep 0.001 keeps nothing: the cheapest unit is " in message
+    assert "so every head and neuron would go; give at least --flops-keep " in message
+    assert not out.exists()
+    smallest = float(message.rsplit(" ", 1)[1])  # the least budget named works
+    assert main(prune_args(model_dir, data_csv, out, "--flops-keep", str(smallest))) == 0
+    assert sum(map(sum, read_meta(out)["record"]["heads"] + read_meta(out)["record"]["neurons"])) >= 0
+    assert read_meta(out)["record"]["flops_final"] > 0
+
+
+def test_a_sample_below_the_minimum_is_a_warning(model_dir, data_csv, tmp_path, capsys):
+    assert main(prune_args(model_dir, data_csv, tmp_path / "out", *KEEP, "--num-tokens", "9")) == 0
+    warnings = capsys.readouterr().err
+    assert "fewer than the 24 inputs of the widest output projection" in warnings  # the tiny FFN: 24
+    assert "use at least 24 tokens (the paper uses 100,000)" in warnings
+    assert main(prune_args(model_dir, data_csv, tmp_path / "out2", *KEEP)) == 0  # 300 tokens: no warning
+    assert "widest output projection" not in capsys.readouterr().err
+
+
+def test_overwriting_a_previous_prune_says_so_and_pruning_into_itself_is_refused(
+    model_dir, data_csv, tmp_path, capsys
+):
+    out = tmp_path / "pruned"
+    assert main(prune_args(model_dir, data_csv, out, "--flops-keep", "0.8")) == 0
+    capsys.readouterr()
+    assert main(prune_args(model_dir, data_csv, out, "--flops-keep", "0.6")) == 0
+    assert (
+        f"--out {out} holds a previous prune; it is replaced when this one is saved"
+        in capsys.readouterr().err
+    )
+    assert read_meta(out)["record"]["config"]["flops_keep"] == 0.6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruned", "train.csv"]  # no sibling left
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = user_error(prune_args(out, data_csv, out, "--flops-keep", "0.5"), capsys)
+    assert message.endswith(
+        f"--out {out} is the --model folder; write the pruned model to another folder "
+        "(pruning a kprune folder again applies the budget to the pruned model and keeps only "
+        "the new record)"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    flops_kept = read_meta(out)["record"]["flops_kept"]
+    assert main(prune_args(out, data_csv, tmp_path / "again", "--flops-keep", "0.5")) == 0
+    assert (
+        f"--model is a kprune folder that keeps {100 * flops_kept:.1f}% of its source's FLOPs; the budget "
+        f"applies to it as it is: about {50 * flops_kept:.1f}% of the source" in capsys.readouterr().err
+    )
+
+
+def test_damaged_model_folders_are_one_line(model_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(prune_args(model_dir, data_csv, out, *KEEP)) == 0
+    weights, meta_file = out / "model.safetensors", out / "config.json"  # the counts are in the config
+    good_weights, good_meta = weights.read_bytes(), meta_file.read_text()
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    message = user_error(eval_args(out, data_csv, "--text-column", "sentence"), capsys)
+    assert message.startswith(f"kprune: error: {weights} is unreadable or truncated (")
+    assert message.endswith("prune again or restore it")
+
+    weights.write_bytes(good_weights)
+    meta = json.loads(good_meta)
+    meta["heads_per_layer"][0] += 1
+    meta_file.write_text(json.dumps(meta))
+    message = user_error(eval_args(out, data_csv, "--text-column", "sentence"), capsys)
+    assert message.startswith(f"kprune: error: {meta_file} does not match {weights} (size mismatch for ")
+
+    message = user_error(prune_args(out, data_csv, tmp_path / "again", *KEEP), capsys)
+    assert message.startswith(f"kprune: error: {meta_file} does not match {weights}")
+    assert not (tmp_path / "again").exists()
+
+
+def test_nan_and_inf_are_named(tmp_path, data_csv, capsys):
+    folder = save_tiny(tmp_path / "nan")
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    capsys.readouterr()  # transformers' progress bars
+    for argv in (prune_args(folder, data_csv, tmp_path / "out", *KEEP), eval_args(folder, data_csv)):
+        message = user_error([*argv, "--text-column", "sentence"], capsys)
+        assert message.endswith(
+            f"{folder} has NaN or Inf weights in bert.encoder.layer.1.output.dense.weight; the model file is "
+            "damaged or diverged"
+        )
+
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[0, 0] = 0.0
+        for projection in ("query", "key"):  # finite weights whose attention scores overflow float32
+            getattr(model.bert.encoder.layer[0].attention.self, projection).weight.mul_(1e20)
+    model.save_pretrained(folder)
+    capsys.readouterr()  # transformers' progress bars
+    message = user_error(prune_args(folder, data_csv, tmp_path / "out", *KEEP), capsys)
+    assert message.endswith(
+        "the model's activations hold NaN or Inf from bert.encoder.layer.0.attention.self on the sample, "
+        "although its weights are finite: values overflow torch.float32; check the model and its inputs"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_the_traceback(model_dir, tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        argv = prune_args(model_dir, tmp_path / "empty.csv", tmp_path / "out", *KEEP)
+        main([a for a in argv if a != "--quiet"] + ["--verbose"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in check_text_file" in err
+    assert err.strip().splitlines()[-1].startswith("kprune: error: data file ")
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_skipped_rows_follow_the_readme_in_prune_and_eval(model_dir, tmp_path, capsys, kind):
+    """Rows with empty or null text, or a null label (eval only), are skipped and counted; the words
+    "NaN" and "null" are text."""
+    texts = ["NaN", "null", "word1 word2", None, "", "word3", "word4"]
+    labels = ["pos", "neg", None, "pos", "neg", "pos", "neg"]
+    data = tmp_path / f"rows.{kind}"
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    frame.to_csv(data, index=False) if kind == "csv" else frame.to_json(data, orient="records", lines=True)
+
+    metrics = run_json(eval_args(model_dir, data, "--quiet"), capsys)
+    assert (metrics["num_examples"], metrics["skipped_rows"]) == (4, 3)  # NaN, null, word3, word4
+
+    out = tmp_path / "pruned"
+    assert (
+        main(prune_args(model_dir, data, out, *KEEP, "--text-column", "text", "--num-tokens", "10000")) == 0
+    )
+    assert "skipped 2 of 7 rows: empty or missing 'text'" in capsys.readouterr().err
+    assert read_meta(out)["record"]["num_sequences"] == 5  # labels are not needed to prune
+
+
+# The child sends itself a real SIGINT as soon as the library logs its first iteration: mid-prune, at the
+# same point on every run, however busy the machine.
+INTERRUPT_AFTER_ITERATION_0 = """
+import logging, os, signal, sys
+
+class Interrupt(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("iteration 0 "):
+            os.kill(os.getpid(), signal.SIGINT)
+
+logging.getLogger("kprune").addHandler(Interrupt())
+from kprune.cli import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_previous_model(model_dir, data_csv, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(prune_args(model_dir, data_csv, out, *KEEP)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for target in (out, tmp_path / "new"):
+        argv = [a for a in prune_args(model_dir, data_csv, target, "--flops-keep", "0.3") if a != "--quiet"]
+        child = [sys.executable, "-c", INTERRUPT_AFTER_ITERATION_0, *argv]
+        result = subprocess.run(child, capture_output=True, text=True)
+        assert result.returncode == 130, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert any(line.startswith("INFO kprune.data: sample: ") for line in lines)  # work had begun
+        assert lines[-1] == "kprune: error: interrupted; nothing written"
+        assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruned", "train.csv"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_model(model_dir, data_csv, tmp_path):
+    """A 1 MB tmpfs in a private mount namespace: the first prune fits; with 16 kB left the second fails
+    while saving (its weights need 20 kB); with nothing left the third is refused before any work."""
+    disk, copies = tmp_path / "disk", tmp_path / "copies"
+    disk.mkdir(), copies.mkdir()
+    cli = "import sys; from kprune.cli import main; sys.exit(main())"
+    leave = (
+        f"import shutil; open('{disk}/filler', 'wb').write(bytes(shutil.disk_usage('{disk}').free - 16384))"
+    )
+    prune = " ".join(prune_args(model_dir, data_csv, disk / "pruned"))
+    logging_prune = prune.replace(" --quiet", "")  # its log shows whether any iteration ran
+    script = f"""
+        set -e
+        mount -t tmpfs -o size=1m tmpfs {disk}
+        "$PYTHON" -c "$CLI" {prune} --flops-keep 0.5
+        cp -r {disk}/pruned {copies}/before
+        "$PYTHON" -c "{leave}"
+        set +e
+        "$PYTHON" -c "$CLI" {prune} --flops-keep 0.3 2> {copies}/stderr-save
+        echo $? > {copies}/code-save
+        cp -r {disk}/pruned {copies}/after
+        ls -A {disk} > {copies}/listing
+        cat /dev/zero >> {disk}/filler 2>/dev/null
+        "$PYTHON" -c "$CLI" {logging_prune} --flops-keep 0.3 2> {copies}/stderr-before
+        echo $? > {copies}/code-before
+    """
+    environment = {**os.environ, "PYTHON": sys.executable, "CLI": cli}
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (copies / "code-save").read_text().strip() == "2"
+    lines = (copies / "stderr-save").read_text().strip().splitlines()
+    assert lines[-1] == (
+        f"kprune: error: no space left on the device of --out {disk / 'pruned'}; nothing was written (a "
+        "previous model there is intact); free some space and run again"
+    )
+    assert (copies / "listing").read_text().split() == ["filler", "pruned"]  # no half-written sibling
+    before, after = ({p.name: p.read_bytes() for p in (copies / n).iterdir()} for n in ("before", "after"))
+    assert after == before and "model.safetensors" in after
+
+    assert (copies / "code-before").read_text().strip() == "2"
+    log = (copies / "stderr-before").read_text()
+    assert "tokenized" not in log and "iteration 0" not in log  # no work was done: not even the sample
+    expected = f"kprune: error: no space left on the device of --out {disk / 'pruned'}: 0 bytes free, and "
+    assert (
+        log.strip()
+        .splitlines()[-1]
+        .startswith(expected + "the pruned model needs more than 3,840 (its embeddings alone)")
+    )

@@ -17,7 +17,7 @@ from kprune.data import (
     load_task_split,
     tokenize,
 )
-from kprune.tasks import get_task
+from kprune.tasks import custom_task, get_task
 
 FRAME = pd.DataFrame(
     {"sentence": ["word1 word2", "word3", "word4 word5 word6"], "label": ["pos", "neg", "pos"]}
@@ -185,3 +185,56 @@ def test_official_squad_json_becomes_one_row_per_question(tmp_path):
     records = tmp_path / "records.json"  # a plain list of records is still read as a table
     records.write_text(json.dumps([{"text": "word1", "label": 0}]))
     assert load_table(records)["text"] == ["word1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", b"", "is empty; it needs a header line (or JSON keys) and rows"),
+        ("blank.jsonl", b"\n  \n", "is empty; it needs a header line (or JSON keys) and rows"),
+        ("header.csv", b"text,label\n", "has no rows (only a header line); it needs one row per example"),
+        ("header.tsv", b"text\tlabel\n", "has no rows (only a header line)"),
+        ("none.json", b"[]", "has no rows; it needs one row per example"),
+        ("latin1.csv", "text\ncaf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 8)"),
+        ("latin1.jsonl", '{"text": "\xe9"}'.encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 10)"),
+        ("cut.csv", "text\ncaf\xe9".encode()[:-1], "is not UTF-8 text (it ends inside a character)"),
+        ("broken.jsonl", b'{"text": "word1"}\n{"text": \n', "cannot read"),
+    ],
+)
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        load_table(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value).strip()
+
+
+def test_iconv_fix_is_named_and_works(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text\ncaf\xe9 word1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="save it as UTF-8, e.g. iconv -f latin1 -t utf-8 latin1.csv"):
+        load_table(path)
+    path.write_text(path.read_bytes().decode("latin-1"), encoding="utf-8")
+    assert load_table(path)["text"] == ["café word1"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_only_real_nulls_are_missing_not_the_words(tmp_path, kind):
+    """The texts "NaN", "null", "NA", "None" are text; an empty CSV cell or a JSON null is missing."""
+    texts = ["NaN", "null", "NA", "None", "n/a", None, "word1"]
+    labels = ["pos", "neg", "pos", "neg", None, "pos", "NaN"]
+    table = load_table(write_table(pd.DataFrame({"text": texts, "label": labels}), tmp_path, kind))
+    assert (list(table["text"]), list(table["label"])) == (texts, labels)
+    kept, dropped = drop_incomplete_rows(table, ["text"], ["label"])
+    assert (list(kept["text"]), dropped) == (["NaN", "null", "NA", "None", "word1"], 2)
+
+
+def test_class_ids_of_a_column_with_empty_cells(tmp_path):
+    """An int label column with an empty cell is read as floats; the rows left keep their class ids."""
+    path = tmp_path / "dev.csv"
+    path.write_text("text,label\nword1,1\nword2,\nword3,0\n")
+    table, skipped = load_task_split(custom_task("classification"), "validation", path)
+    assert skipped == 1
+    labels = encode_labels(table["label"], tiny_model("bert", num_labels=2))
+    assert labels.dtype == torch.long and labels.tolist() == [1, 0]
