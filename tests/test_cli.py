@@ -446,7 +446,7 @@ def test_damaged_model_folders_are_one_line(model_dir, data_csv, tmp_path, capsy
     meta["heads_per_layer"][0] += 1
     meta_file.write_text(json.dumps(meta))
     message = user_error(eval_args(out, data_csv, "--text-column", "sentence"), capsys)
-    assert message.startswith(f"kprune: error: {meta_file} does not match {weights} (size mismatch for ")
+    assert message.startswith(f"kprune: error: {meta_file} does not match {weights} (")
 
     message = user_error(prune_args(out, data_csv, tmp_path / "again", *KEEP), capsys)
     assert message.startswith(f"kprune: error: {meta_file} does not match {weights}")
