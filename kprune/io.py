@@ -198,7 +198,10 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn
 @contextlib.contextmanager
 def _weights_matching(weights: Path, counts: Path) -> Iterator[None]:
     """Loading errors as one ValueError naming the file: unreadable weights, or counts (per-layer heads and
-    neurons) that do not match them."""
+    neurons) that do not match them. transformers' own report of mismatched weights is kept off the console:
+    the error says it in one line."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         yield
     except SafetensorError as error:
@@ -210,6 +213,8 @@ def _weights_matching(weights: Path, counts: Path) -> Iterator[None]:
         raise ValueError(
             f"{counts} does not match {weights} ({detail}); prune again or restore both"
         ) from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _checked(loaded: tuple[nn.Module, dict]) -> nn.Module:
