@@ -760,19 +760,15 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def _batch_options(args: argparse.Namespace) -> dict:
     """The batch flow's options; the jobs file is read and checked here, before any work."""
-    import yaml
-
-    from pipeline.jobs import read_jobs
+    if importlib.util.find_spec("prefect") is None:
+        raise ValueError("kprune batch and schedule need the pipeline extra: pip install 'kprune[pipeline]'")
+    from pipeline.jobs import read_jobs_with_params
     from pipeline.project import quiet_environment
 
     if args.scheduler and args.runner != "dask":
         raise ValueError("--scheduler names a Dask cluster: give --runner dask with it")
     params_file = Path(args.params)
-    if not params_file.is_file():
-        raise FileNotFoundError(
-            f"--params {params_file} not found: run from the project root or give --params"
-        )
-    read_jobs(args.jobs, yaml.safe_load(params_file.read_text()))
+    read_jobs_with_params(args.jobs, params_file)
     quiet_environment(batch=True)
     options = {"store_dir": args.store, "out": args.out, "runner": args.runner, "workers": args.workers}
     return {**options, "scheduler": args.scheduler, "params_file": str(params_file)}

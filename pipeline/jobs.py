@@ -346,3 +346,13 @@ def read_jobs(path: str | Path, params: dict) -> JobsFile:
     if not path.is_file():
         raise FileNotFoundError(f"jobs file {path} not found")
     return parse_jobs(path.read_text(), params, source=str(path))
+
+
+def read_jobs_with_params(path: str | Path, params_file: str | Path) -> JobsFile:
+    """The jobs file checked against the params.yaml it overrides (``--params``)."""
+    params_file = Path(params_file)
+    if not params_file.is_file():
+        raise FileNotFoundError(
+            f"--params {params_file} not found: run from the project root or give --params"
+        )
+    return read_jobs(path, yaml.safe_load(params_file.read_text()))
