@@ -186,9 +186,10 @@ def test_a_damaged_iteration_is_recomputed_with_every_later_one(reference, works
     assert_same_iterations(workspace, reference)
 
     from pipeline.flows import load_teacher, pruned_student
+    from pipeline.project import PIPELINE_FOLDERS
 
     monkeypatch.chdir(workspace)  # the stages' paths are relative to the project
-    rebuilt = pruned_student(load_teacher("cpu")).state_dict()
+    rebuilt = pruned_student(load_teacher("cpu"), PIPELINE_FOLDERS.iterations).state_dict()
     exported = kprune.load_pruned(reference.project / "data/export").state_dict()
     assert rebuilt.keys() == exported.keys()
     assert all(torch.equal(rebuilt[name], value) for name, value in exported.items())
