@@ -514,9 +514,12 @@ def test_skipped_rows_follow_the_readme_in_prune_and_eval(model_dir, tmp_path, c
 
 
 # The child sends itself a real SIGINT as soon as the library logs its first iteration: mid-prune, at the
-# same point on every run, however busy the machine.
+# same point on every run, however busy the machine. It first restores Python's Ctrl-C handler: a test run
+# started in the background (nohup, `&`) hands its children SIGINT ignored.
 INTERRUPT_AFTER_ITERATION_0 = """
 import logging, os, signal, sys
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class Interrupt(logging.Handler):
     def emit(self, record):
