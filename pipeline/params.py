@@ -19,31 +19,15 @@ class ParamsError(ValueError):
 def allowed_keys() -> dict[str, frozenset[str]]:
     from kprune.config import KPruneConfig
     from pipeline.finetune import FinetuneConfig
+    from pipeline.task import COLUMN_OPTIONS, WINDOW
 
     def fields(config) -> set[str]:
         return {field.name for field in dataclasses.fields(config)}
 
     return {
         "data": frozenset(
-            {
-                "task",
-                "train",
-                "dev",
-                "hub_dataset",
-                "text_column",
-                "text_pair_column",
-                "label_column",
-                "question_column",
-                "context_column",
-                "answers_column",
-                "allows_no_answer",
-                "dev_fraction",
-                "max_length",
-                "stride",
-                "max_question_tokens",
-                "sample_tokens",
-                "seed",
-            }  # fmt: skip
+            {"task", "train", "dev", "hub_dataset", *COLUMN_OPTIONS, "allows_no_answer", "dev_fraction"}
+            | {*WINDOW, "sample_tokens", "seed"}
         ),
         "teacher": frozenset(fields(FinetuneConfig) | {"model", "base", "device"}),
         "calibrate": frozenset({"batch_size", "device"}),
