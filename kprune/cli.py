@@ -541,12 +541,11 @@ def _output_folder(path: Path) -> Iterator[None]:
     atomic save writes; a folder made here is removed again if the command fails (nothing written)."""
     import tempfile
 
-    from kprune.io import is_pruned_folder
+    from kprune.io import check_replaceable, is_pruned_folder
 
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {path} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()) and not is_pruned_folder(path):
-        raise FileExistsError(f"--out {path} is a non-empty folder not written by kprune; choose another")
+    check_replaceable(path, "--out ")
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)

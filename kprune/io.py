@@ -103,11 +103,19 @@ def save_pruned(
     The folder is written as a sibling and swapped in whole (kprune.atomic): an interrupted save leaves
     the previous model intact. A non-empty folder not written by kprune is refused, never replaced."""
     directory = Path(directory)
-    if directory.is_dir() and any(directory.iterdir()) and not is_pruned_folder(directory):
-        raise FileExistsError(f"{directory} is a non-empty folder not written by kprune; choose another")
+    check_replaceable(directory)
     with atomic_folder(directory) as temporary:
         _write_pruned(model, temporary, record, tokenizer, metrics, command)
     return directory
+
+
+def check_replaceable(directory: Path, name: str = "") -> None:
+    """Refuse a non-empty folder that kprune did not write: save_pruned never replaces one. ``name``
+    prefixes the message (the CLI says which option gave the folder)."""
+    if directory.is_dir() and any(directory.iterdir()) and not is_pruned_folder(directory):
+        raise FileExistsError(
+            f"{name}{directory} is a non-empty folder not written by kprune; choose another"
+        )
 
 
 def _write_pruned(model: nn.Module, directory: Path, record, tokenizer, metrics, command) -> None:
@@ -183,8 +191,9 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn
     The model is modeling_kprune's subclass of the family's transformers class, built at the pruned
     shapes; its ``save_pretrained`` writes a folder that loads the same way (with the modeling file)."""
     directory = Path(directory)
-    if read_meta(directory)["version"] == 1:
-        return _load_v1(directory, device)
+    meta = read_meta(directory)
+    if meta["version"] == 1:
+        return _load_v1(directory, meta, device)
     architecture = (json.loads((directory / CONFIG_FILE).read_text()).get("architectures") or [""])[0]
     model_class = getattr(modeling_kprune, architecture, None)
     if model_class is None:
@@ -233,8 +242,7 @@ def _register_for_auto_classes(model_class: type) -> None:
     model_class.config_class.register_for_auto_class()
 
 
-def _load_v1(directory: Path, device: str | torch.device) -> nn.Module:
-    meta = read_meta(directory)
+def _load_v1(directory: Path, meta: dict, device: str | torch.device) -> nn.Module:
     stock_class = getattr(transformers, meta["architecture"], None)
     if stock_class is None:
         raise ValueError(f"transformers has no model class {meta['architecture']!r}")
