@@ -1,7 +1,8 @@
 """Crash tests made deterministic: a stage kills itself at a named point, chosen by an environment variable.
 
 KPRUNE_KILL_AT=NAME makes the process that reaches the point NAME SIGKILL itself there (no cleanup, no
-finally blocks: the same as kill -9 or a power cut); KPRUNE_INTERRUPT_AT=NAME sends SIGINT to its whole
+finally blocks: the same as kill -9 or a power cut), after one stderr line naming the point, so that a test
+tells this kill from any other death (the exit status a caller sees depends on its shell); KPRUNE_INTERRUPT_AT=NAME sends SIGINT to its whole
 process group instead, as Ctrl-C at a terminal does. The points:
 
     write:PATH              the file or folder PATH (as the stage names it, e.g. data/export) is complete
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 KILL_AT_ENV = "KPRUNE_KILL_AT"
 INTERRUPT_AT_ENV = "KPRUNE_INTERRUPT_AT"
@@ -23,6 +25,7 @@ INTERRUPT_AT_ENV = "KPRUNE_INTERRUPT_AT"
 
 def kill_point(name: str) -> None:
     if os.environ.get(KILL_AT_ENV) == name:
+        print(f"{KILL_AT_ENV}: killed at {name}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(INTERRUPT_AT_ENV) == name:
         os.killpg(os.getpgrp(), signal.SIGINT)
