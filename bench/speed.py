@@ -6,11 +6,14 @@ onnxruntime, warm, median of repeats, and the speedup against the ideal 1 / FLOP
 
 Speed depends only on the pruned model's shape (heads and neurons per layer), so by default the shapes
 come from the K-prune runs of the accuracy sweep (--structures); budgets it does not hold are pruned here
-with --sample-tokens. Models take turns within each repeat, so load from other processes hits all alike.
+with --sample-tokens. Each model is timed alone, its calls back to back: models taking turns slowed each
+other, because every onnxruntime session keeps its own threads spinning for a while after a call (measured
+at batch 1: the teacher's session took 10.1 ms alone, 37.6 ms taking turns with three pruned ones), so the
+bench needs a quiet machine.
 Inputs are full-length sequences (no padding). The ideal speedup is the FLOPs ratio at that sequence
 length (kprune's FLOPs model: heads and neurons only; embeddings, LayerNorm and classifier are not pruned).
-Each model also runs as the float ONNX graph of ``kprune export-onnx`` in onnxruntime (--runtimes), in
-the same turns, with as many intra-op threads as torch; speedups compare models within one runtime, and
+Each model also runs as the float ONNX graph of ``kprune export-onnx`` in onnxruntime (--runtimes), with
+as many intra-op threads as torch; speedups compare models within one runtime, and
 ``vs torch`` compares a model's onnxruntime latency with its torch latency.
 Writes <out>/speed.json, speed.png (speedup vs FLOPs kept, with the ideal) and speed.md.
 """
@@ -140,18 +143,20 @@ def inputs(batch: int, length: int, vocab: int, seed: int) -> dict[str, torch.Te
 
 
 def time_models(runs: list[dict], batch: dict, repeats: int, warmup: int) -> list[list[float]]:
-    """Seconds of each call, the runs (a model in a runtime) taking turns inside every repeat."""
-    times: list[list[float]] = [[] for _ in runs]
+    """Seconds of each call: one run (a model in a runtime) after the other, each warmed up and then
+    called ``repeats`` times back to back, as a server runs one model (see the module's docstring)."""
+    times: list[list[float]] = []
     with torch.inference_mode():
-        arguments = [run["inputs"](batch) for run in runs]  # converted once, outside the timing
-        for run, given in zip(runs, arguments, strict=True):
+        for run in runs:
+            given = run["inputs"](batch)  # converted once, outside the timing
             for _ in range(warmup):
                 run["call"](given)
-        for _ in range(repeats):
-            for run, given, spent in zip(runs, arguments, times, strict=True):
+            spent = []
+            for _ in range(repeats):
                 started = time.perf_counter()
                 run["call"](given)
                 spent.append(time.perf_counter() - started)
+            times.append(spent)
     return times
 
 
@@ -347,8 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out / f"{NAME}.json", payload)
     plot(args.out / f"{NAME}.png", rows)
     notes = [
-        f"Median of {args.repeats} warm calls ({args.warmup} warm-up) per model and shape, models "
-        f"taking turns; {torch.get_num_threads()} torch threads, float32, torch.inference_mode.",
+        f"Median of {args.repeats} warm calls ({args.warmup} warm-up) per model and shape, each "
+        f"model alone; {torch.get_num_threads()} torch threads, float32, torch.inference_mode.",
         "speedup = teacher median / model median in the same runtime; ideal = 1 / FLOPs kept at that "
         "length; x ideal = speedup / ideal; vs torch = the model's torch median / its median here.",
         "onnxruntime: the float graph of kprune export-onnx, CPU provider, intra-op threads = torch threads.",
