@@ -2,8 +2,9 @@
 
 KPRUNE_KILL_AT=NAME makes the process that reaches the point NAME SIGKILL itself there (no cleanup, no
 finally blocks: the same as kill -9 or a power cut), after one stderr line naming the point, so that a test
-tells this kill from any other death (the exit status a caller sees depends on its shell); KPRUNE_INTERRUPT_AT=NAME sends SIGINT to its whole
-process group instead, as Ctrl-C at a terminal does. The points:
+tells this kill from any other death (the exit status a caller sees depends on its shell);
+KPRUNE_INTERRUPT_AT=NAME sends SIGINT to its whole process group instead, as Ctrl-C at a terminal does.
+The points:
 
     write:PATH              the file or folder PATH (as the stage names it, e.g. data/export) is complete
                             under its temporary name, not yet renamed into place
