@@ -123,6 +123,15 @@ def flow_runs(project: Path, name: str) -> int:
         return int(json.loads(response.read()))
 
 
+def failed_task_runs(project: Path) -> list[dict]:
+    """The task runs the module's server recorded as failed, each with its name and run_count."""
+    url = project.joinpath(".api").read_text()
+    body = json.dumps({"task_runs": {"state": {"type": {"any_": ["FAILED"]}}}}).encode()
+    request = urllib.request.Request(f"{url}/task_runs/filter", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def folders(store: Path, stage: str) -> list[Path]:
     return sorted(path for path in (store / stage).glob("*") if (path / MARK).is_file())
 
@@ -227,6 +236,9 @@ def test_a_job_with_a_missing_model_fails_alone(project):
     assert missing["error"].startswith("prepare: ") and "no/such/model" in missing["error"]  # its tokenizer
     assert "\n" not in missing["error"] and f"FAILED: {missing['error']}" in result.stdout
     assert "1 of 2 jobs failed" in result.stderr
+    # retries: 1 ran the failing stage twice, and only that stage failed
+    failed = [(run["name"].split()[0], run["run_count"]) for run in failed_task_runs(project)]
+    assert failed == [("prepare", 2)]
 
 
 def test_a_typo_is_rejected_before_any_work(project):
