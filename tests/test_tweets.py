@@ -150,7 +150,7 @@ def test_the_teacher_comes_from_the_pipeline_stages_in_the_layout_of_extra_teach
     from pipeline_project import tiny_base_model
 
     from bench.common import draw_sample, load_teacher, read_dev
-    from pipeline.task import load_task, task_from_params
+    from pipeline.task import load_task, read_train, task_from_params
 
     out = tmp_path / "tweets"
     tweets.extract(out, 0.2, 0, write_corpus(tmp_path / "corpus.csv"))
@@ -161,6 +161,8 @@ def test_the_teacher_comes_from_the_pipeline_stages_in_the_layout_of_extra_teach
     figures = tweets.build_teacher(out, data, teacher)
 
     assert load_task(out / "prepared").label_names == tweets.LABELS
+    _, train_labels = read_train(out / "prepared")  # the names of train.csv as class ids, in its order
+    assert train_labels.tolist() == [tweets.LABELS.index(label) for _, label in read_rows(out / "train.csv")]
     model = load_teacher(out / "teacher")
     assert model.config.id2label == dict(enumerate(tweets.LABELS))
     assert 0 <= figures["dev"]["accuracy"] <= 1
