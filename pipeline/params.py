@@ -26,8 +26,8 @@ def allowed_keys() -> dict[str, frozenset[str]]:
 
     return {
         "data": frozenset(
-            {"task", "train", "dev", "hub_dataset", *COLUMN_OPTIONS, "allows_no_answer", "dev_fraction"}
-            | {*WINDOW, "sample_tokens", "seed"}
+            {"task", "train", "dev", "hub_dataset", *COLUMN_OPTIONS, "allows_no_answer", "label_names"}
+            | {"dev_fraction", *WINDOW, "sample_tokens", "seed"}
         ),
         "teacher": frozenset(fields(FinetuneConfig) | {"model", "base", "device"}),
         "calibrate": frozenset({"batch_size", "device"}),

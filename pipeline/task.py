@@ -2,7 +2,9 @@
 
 `data.task` is the embedded default (`rotten_tomatoes`), a registry task (`glue/sst2`, `glue/mnli`,
 `squad`, `squad_v2`, ... loaded from the hub unless `data.train`/`data.dev` name local files), or a
-task kind (`classification`, `regression`, `question-answering`) for local data of your own.
+task kind (`classification`, `regression`, `question-answering`) for local data of your own; a local
+classification may name its classes in `data.label_names` (in class-id order), so that its files can hold
+the names and the fine-tuned teacher carries them.
 The prepare stage writes the TaskSpec to data/prepared/task.json, so later stages never re-read params.
 Later stages and bench/ read the prepared data back with `load_task`, `read_train`, `dev_sets` and
 `first_dev_set`.
@@ -48,11 +50,18 @@ WINDOW = ("max_length", "stride", "max_question_tokens")  # how sequences are cu
 def task_from_params(data: dict) -> TaskSpec:
     columns = {name: data.get(name) for name in COLUMN_OPTIONS}
     name = data["task"]
+    if data.get("label_names") is not None and name not in KINDS:
+        raise ValueError(
+            f"data.label_names is for local data (data.task: classification), not for the task {name}"
+        )
     if name == EMBEDDED.name:
         return EMBEDDED
     if name in KINDS:
         given = {key: value for key, value in columns.items() if value is not None}
-        return custom_task(name, allows_no_answer=bool(data.get("allows_no_answer")), **given)
+        allows_no_answer = bool(data.get("allows_no_answer"))
+        return custom_task(
+            name, allows_no_answer=allows_no_answer, label_names=data.get("label_names"), **given
+        )
     return get_task(name).with_columns(**columns)
 
 

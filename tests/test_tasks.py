@@ -76,6 +76,17 @@ def test_custom_tasks_and_renamed_columns():
         TaskSpec("x", "classification", ("accuracy",), "f1")
 
 
+def test_a_local_classification_may_name_its_classes(tmp_path):
+    task = custom_task("classification", label_names=["neg", "pos"], label_column="stars")
+    assert (task.label_names, task.target_column) == (("neg", "pos"), "stars")
+    path = tmp_path / "dev.csv"
+    pd.DataFrame({"text": sentences(3), "stars": ["pos", "NEG", "pos"]}).to_csv(path, index=False)
+    table, _ = load_task_split(task, "validation", path)
+    assert table["stars"] == [1, 0, 1] and table.features["stars"].names == ["neg", "pos"]
+    with pytest.raises(ValueError, match="label names are for classification, not regression"):
+        custom_task("regression", label_names=["low", "high"])
+
+
 def test_hub_path_with_a_local_folder_standing_in_for_the_hub(tmp_path):
     repo = glue_repo(tmp_path / "glue")
     data = load_task_data(get_task("glue/mrpc"), hub_dataset=str(repo))

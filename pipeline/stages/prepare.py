@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import transformers
 
-from kprune.arch import QUESTION_ANSWERING, REGRESSION
-from kprune.data import average_token_length, calibration_sample, tokenize
+from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION
+from kprune.data import average_token_length, calibration_sample, class_ids, tokenize
 from pipeline import store, tracking
 from pipeline.project import PREPARED, load_params, resolve_model_name, stage_main, start_stage
 from pipeline.task import load_splits, save_dev_examples, save_task, task_from_params, window_from_params
@@ -33,11 +33,13 @@ def tokenizer_source(teacher: dict) -> str:
 
 def train_labels(task, table) -> torch.Tensor:
     values = np.asarray(table[task.label_column])
-    if values.dtype.kind not in "iuf":
+    if task.kind == CLASSIFICATION and task.label_names is not None:  # names or ids, checked
+        values = class_ids(values, task.label_names, "the train split")
+    elif values.dtype.kind not in "iuf":
         raise ValueError(
             f"fine-tuning the teacher needs numeric labels (class ids or regression targets); column "
-            f"{task.label_column!r} holds {values.dtype} values: give the task's label names or a "
-            "fine-tuned teacher.model"
+            f"{task.label_column!r} holds {values.dtype} values: name the classes in data.label_names "
+            "(a local classification) or give a fine-tuned teacher.model"
         )
     return torch.as_tensor(values, dtype=torch.float32 if task.kind == REGRESSION else torch.long)
 
