@@ -476,13 +476,15 @@ def _add_batch_commands(commands) -> None:
         "does no work and an interrupted one resumes. A failed job is reported with its error and does "
         "not stop the others; the exit code is 1 if any failed. Prints a summary table and writes it "
         "as CSV and JSON with a Pareto plot; MLflow: one run for the batch, one nested run per job. "
-        "Budgets are fractions of the encoder's FLOPs the pruned model KEEPS (0.4 keeps 40%%).",
+        "Budgets are fractions of the encoder's FLOPs the pruned model KEEPS (0.4 keeps 40%).",
         epilog="examples: kprune batch examples/batch-default.yaml; "
         "kprune batch jobs.yaml --runner dask --workers 2; "
         "kprune batch jobs.yaml --runner dask --scheduler tcp://10.0.0.5:8786 --store /shared/kprune",
     )
     _add_batch_options(batch_parser)
-    batch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch_parser.add_argument(
+        "--quiet", action="store_true", help="no bar over the jobs (a stage's own bars stay)"
+    )
     batch_parser.set_defaults(run=run_batch, verbose=False)
 
     schedule_parser = commands.add_parser(
