@@ -11,6 +11,10 @@ BATCH_GRADIENT = "batch-gradient"
 PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
 RAW_SCALE, MEAN_SCALE = "raw", "mean"  # how the knowledge terms are scaled
 KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
+# When the units above sublayer t are re-scored (kprune.iterate): at every sublayer (the paper), or once per
+# layer, at its attention sublayer, whose measurement the layer's FFN sublayer reuses.
+SUBLAYER_RESCORE, LAYER_RESCORE = "sublayer", "layer"
+RESCORE_MODES = (SUBLAYER_RESCORE, LAYER_RESCORE)
 DEFAULT_NUM_TOKENS = 100_000  # tokens of the calibration sample (the paper's)
 
 DEFAULT, PAPER = "default", "paper"
@@ -65,6 +69,10 @@ class KPruneConfig:
     knowledge_tokens: measure knowledge on whole batches of the sample (seeded) holding about this many
         tokens instead of all of it: fewer passes through the sublayers above, an approximation of the
         paper's measurement; the least squares still use every token. None (default): the whole sample.
+    rescore: "sublayer" (default, the paper): knowledge is measured at every sublayer t; "layer": at each
+        layer's attention sublayer only, and the FFN sublayer above it reuses that measurement (without the
+        attention sublayer's units), an opt-in approximation that halves the measurements; the FLOPs
+        left, the mask search and the tuning are unchanged.
     micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
         its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
     """
@@ -87,6 +95,7 @@ class KPruneConfig:
     batch_size: int = 32
     seed: int = 0
     knowledge_tokens: int | None = None
+    rescore: str = SUBLAYER_RESCORE
     micro_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
@@ -125,6 +134,8 @@ class KPruneConfig:
             )
         if self.knowledge_tokens is not None and self.knowledge_tokens < 1:
             raise ValueError(f"knowledge_tokens must be >= 1 or None, got {self.knowledge_tokens}")
+        if self.rescore not in RESCORE_MODES:
+            raise ValueError(f"rescore must be one of {RESCORE_MODES}, got {self.rescore!r}")
         if self.batch_size < 1 or self.projections < 1 or self.micro_batch_tokens < 1:
             raise ValueError("batch_size, projections and micro_batch_tokens must be >= 1")
 
