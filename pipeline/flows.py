@@ -14,7 +14,9 @@ fingerprint of the run that wrote it, so a resumed run reuses exactly the files 
 
 step.json is written last and lists the other three files with their size and checksum. A resumed run
 trusts an iteration only if all three match; a missing, truncated or changed file is recomputed with
-every file computed after it, in that iteration and all later ones (a warning names the file).
+every file computed after it, in that iteration and all later ones (a warning names the file). With
+prune.rescore "layer", an FFN iteration's knowledge.safetensors is its attention iteration's without that
+sublayer's entry; a run resumed at an FFN iteration reads it from the finished iteration before.
 """
 
 from __future__ import annotations
