@@ -69,12 +69,12 @@ class KPruneConfig:
     knowledge_tokens: measure knowledge on whole batches of the sample (seeded) holding about this many
         tokens instead of all of it: fewer passes through the sublayers above, an approximation of the
         paper's measurement; the least squares still use every token. None (default): the whole sample.
+    micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
+        its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
     rescore: "sublayer" (default, the paper): knowledge is measured at every sublayer t; "layer": at each
         layer's attention sublayer only, and the FFN sublayer above it reuses that measurement (without the
         attention sublayer's units), an opt-in approximation that halves the measurements; the FLOPs
         left, the mask search and the tuning are unchanged.
-    micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
-        its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
     """
 
     flops_keep: float
@@ -95,8 +95,8 @@ class KPruneConfig:
     batch_size: int = 32
     seed: int = 0
     knowledge_tokens: int | None = None
-    rescore: str = SUBLAYER_RESCORE
     micro_batch_tokens: int = 1024
+    rescore: str = SUBLAYER_RESCORE
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
