@@ -22,7 +22,7 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
-from kprune.config import BATCH_GRADIENT, DEFAULT, PAPER, PRESETS
+from kprune.config import BATCH_GRADIENT, DEFAULT, LAYER_RESCORE, PAPER, PRESETS
 from kprune.data import seeded_rows
 from kprune.models import load_model
 from kprune.record import PruneResult
@@ -78,6 +78,11 @@ METHODS: dict[str, Method] = {
     "kprune-pred-only": Method("K-prune predictive only", _kprune(lam_rep=0.0)),
     "kprune-rep-only": Method("K-prune representational only", _kprune(lam_pred=0.0)),
     "kprune-fast": Method("K-prune, knowledge on 25k tokens", _kprune(knowledge_tokens=25_000)),
+    "kprune-layer": Method("K-prune, re-scored once per layer", _kprune(rescore=LAYER_RESCORE)),
+    "kprune-layer-fast": Method(
+        "K-prune, re-scored once per layer, knowledge on 25k tokens",
+        _kprune(rescore=LAYER_RESCORE, knowledge_tokens=25_000),
+    ),
     "kprune-batch-gradient": Method(
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
     ),

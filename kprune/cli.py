@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kprune.config import DEFAULT_NUM_TOKENS, PRESETS, KPruneConfig
+from kprune.config import DEFAULT_NUM_TOKENS, PRESETS, RESCORE_MODES, KPruneConfig
 from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE, TASKS, TaskSpec, custom_task, get_task
 
 if TYPE_CHECKING:
@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="opt-in approximation for speed: measure knowledge on seeded whole batches holding about N "
         "tokens of the sample (the least squares still use all of it); default: the whole sample",
+    )
+    prune_parser.add_argument(
+        "--rescore",
+        choices=RESCORE_MODES,
+        default=DEFAULTS.rescore,
+        help="when the units of the sublayers above are re-scored: 'sublayer' at every sublayer (default, "
+        "the paper); 'layer' at each layer's attention sublayer only, whose measurement the layer's FFN "
+        "sublayer reuses (an opt-in approximation for speed: half the knowledge measurements)",
     )
     _add_common(prune_parser)
     prune_parser.set_defaults(run=run_prune)
@@ -690,6 +698,7 @@ def _prune(args: argparse.Namespace, out: Path) -> None:
         seed=args.seed,
         micro_batch_tokens=args.micro_batch_tokens,
         knowledge_tokens=args.knowledge_tokens,
+        rescore=args.rescore,
     )
     with _naming_a_full_disk(out):
         save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)

@@ -11,6 +11,10 @@ BATCH_GRADIENT = "batch-gradient"
 PREDICTIVE_MODES = (FISHER, BATCH_GRADIENT)
 RAW_SCALE, MEAN_SCALE = "raw", "mean"  # how the knowledge terms are scaled
 KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
+# When the units above sublayer t are re-scored (kprune.iterate): at every sublayer (the paper), or once per
+# layer, at its attention sublayer, whose measurement the layer's FFN sublayer reuses.
+SUBLAYER_RESCORE, LAYER_RESCORE = "sublayer", "layer"
+RESCORE_MODES = (SUBLAYER_RESCORE, LAYER_RESCORE)
 DEFAULT_NUM_TOKENS = 100_000  # tokens of the calibration sample (the paper's)
 
 DEFAULT, PAPER = "default", "paper"
@@ -67,6 +71,10 @@ class KPruneConfig:
         paper's measurement; the least squares still use every token. None (default): the whole sample.
     micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
         its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
+    rescore: "sublayer" (default, the paper): knowledge is measured at every sublayer t; "layer": at each
+        layer's attention sublayer only, and the FFN sublayer above it reuses that measurement (without the
+        attention sublayer's units), an opt-in approximation that halves the measurements; the FLOPs
+        left, the mask search and the tuning are unchanged.
     """
 
     flops_keep: float
@@ -88,6 +96,7 @@ class KPruneConfig:
     seed: int = 0
     knowledge_tokens: int | None = None
     micro_batch_tokens: int = 1024
+    rescore: str = SUBLAYER_RESCORE
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -125,6 +134,8 @@ class KPruneConfig:
             )
         if self.knowledge_tokens is not None and self.knowledge_tokens < 1:
             raise ValueError(f"knowledge_tokens must be >= 1 or None, got {self.knowledge_tokens}")
+        if self.rescore not in RESCORE_MODES:
+            raise ValueError(f"rescore must be one of {RESCORE_MODES}, got {self.rescore!r}")
         if self.batch_size < 1 or self.projections < 1 or self.micro_batch_tokens < 1:
             raise ValueError("batch_size, projections and micro_batch_tokens must be >= 1")
 

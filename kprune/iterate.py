@@ -3,6 +3,7 @@
 For sublayer t = 0 .. 2L-1, bottom-up:
 
     knowledge = measure(t)            every unit of sublayers >= t, on the current (partly pruned) student
+                                      (with rescore "layer", an FFN step reuses its attention step's)
     keep      = search(t, knowledge)  global ranking under the FLOPs left; applied to sublayer t only
     weight    = tune(t, keep)         least-squares output projection against the teacher's residual sum
     prune(t, keep, weight)            physical removal; the FLOPs kept leave the budget
@@ -35,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
-from kprune.config import KPruneConfig
+from kprune.config import SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
 from kprune.memory import OffloadedStates, hidden_states, offload_default
@@ -121,6 +122,11 @@ class StepStore:
     def knowledge(self, t: int, measure: Callable[[], list[Knowledge]]) -> list[Knowledge]:
         return measure()
 
+    def finished_knowledge(self, t: int) -> list[Knowledge]:
+        """The knowledge of finished iteration t, which a run resumed at t+1 reuses (rescore "layer").
+        A store that resumes (returns iterations from ``finished``) keeps it; this one finishes none."""
+        raise LookupError(f"this step store keeps no knowledge, not iteration {t}'s")
+
     def mask(self, t: int, search: Callable[[], torch.Tensor]) -> torch.Tensor:
         return search()
 
@@ -177,6 +183,20 @@ def tuning_rows(attention_mask: torch.Tensor, first_token_only: bool) -> torch.T
     rows = torch.zeros_like(attention_mask, dtype=torch.bool)
     rows[:, 0] = True
     return rows
+
+
+def measures_knowledge(student: nn.Module, t: int, config: KPruneConfig) -> bool:
+    """Whether step t measures knowledge: every step with rescore "sublayer"; with "layer" each layer's
+    attention step, whose measurement the layer's FFN step then reuses (``reused_knowledge``)."""
+    return config.rescore == SUBLAYER_RESCORE or Sublayer(student, t).kind == ATTENTION
+
+
+def reused_knowledge(previous: Sequence[Knowledge] | None, store: StepStore, t: int) -> list[Knowledge]:
+    """Step t's knowledge taken from step t-1 (its layer's attention step) without that sublayer's entry;
+    after a resume at t, step t-1's is read back from the store's finished iteration."""
+    if previous is None:
+        previous = store.finished_knowledge(t - 1)
+    return list(previous[1:])
 
 
 def measure(
@@ -300,6 +320,7 @@ def prune_sublayer(
     flops_left: float,
     seq_len: float,
     seconds: float,
+    knowledge_measured: bool,
 ) -> StepRecord:
     """Physically remove sublayer t's pruned units (setting its tuned output weight); what was decided."""
     sub = Sublayer(student, t)
@@ -325,6 +346,7 @@ def prune_sublayer(
         tune_strength=report.strength,
         check_error_before=report.check_error_before,
         check_error_after=report.check_error_after,
+        knowledge_measured=knowledge_measured,
     )
 
 
@@ -394,18 +416,24 @@ def iterate(
     flops_left = steps[-1].flops_left if steps else budget_flops
 
     bar = tqdm(desc="K-prune sublayers", total=total, initial=len(steps), disable=not progress)
+    knowledge = None  # the last step's, which the next one may reuse (rescore "layer")
     for t in range(len(steps), total):
         step_started = time.perf_counter()
-        knowledge = store.knowledge(
-            t, functools.partial(measure, student, t, hidden, batches, teacher_side.logits, config)
-        )
+        measured = measures_knowledge(student, t, config)
+        if measured:
+            obtain = functools.partial(measure, student, t, hidden, batches, teacher_side.logits, config)
+        else:
+            obtain = functools.partial(reused_knowledge, knowledge, store, t)
+        knowledge = store.knowledge(t, obtain)
         keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
         targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
         weight, report = store.tuned(
             t, functools.partial(tune, student, t, keep, hidden, batches, targets, config)
         )
         seconds = time.perf_counter() - step_started
-        record = prune_sublayer(student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds)
+        record = prune_sublayer(
+            student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds, measured
+        )
         store.finish(t, record, keep, weight)
         advance(student, t, hidden, batches)
         steps.append(record)

@@ -40,6 +40,8 @@ class StepRecord:
     tune_strength: float | None = None
     check_error_before: float | None = None
     check_error_after: float | None = None
+    # False: the knowledge of the layer's attention step was reused, not measured (rescore "layer").
+    knowledge_measured: bool = True
 
 
 @dataclass

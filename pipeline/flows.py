@@ -14,7 +14,9 @@ fingerprint of the run that wrote it, so a resumed run reuses exactly the files 
 
 step.json is written last and lists the other three files with their size and checksum. A resumed run
 trusts an iteration only if all three match; a missing, truncated or changed file is recomputed with
-every file computed after it, in that iteration and all later ones (a warning names the file).
+every file computed after it, in that iteration and all later ones (a warning names the file). With
+prune.rescore "layer", an FFN iteration's knowledge.safetensors is its attention iteration's without that
+sublayer's entry; a run resumed at an FFN iteration reads it from the finished iteration before.
 """
 
 from __future__ import annotations
@@ -295,6 +297,10 @@ class IterationFiles(StepStore):
     def knowledge(self, t, measure):
         return knowledge_task(t, self.key(t), measure, self.iterations)
 
+    def finished_knowledge(self, t: int) -> list[Knowledge]:
+        """Iteration t's knowledge file, intact: ``finished`` verified it against step.json."""
+        return read_knowledge(iteration_dir(t, self.iterations) / "knowledge.safetensors", t)
+
     def mask(self, t, search):
         return mask_task(t, self.key(t), search, self.iterations)
 
@@ -305,16 +311,22 @@ class IterationFiles(StepStore):
         finish_task(t, self.key(t), record, self.iterations)
 
 
+def read_knowledge(path: Path, t: int) -> list[Knowledge]:
+    """The knowledge of sublayers t, t+1, ... that iteration t wrote to ``path``."""
+    tensors = load_file(str(path))
+    count = len({name.split("_")[1] for name in tensors})
+    return [
+        Knowledge(tensors[f"predictive_{s}"], tensors[f"representational_{s}"]) for s in range(t, t + count)
+    ]
+
+
 @step(name="measure knowledge")
 def knowledge_task(t: int, key: str, measure, iterations: Path) -> list[Knowledge]:
+    """Iteration t's knowledge: read back if this run wrote it, else measured (or, at an FFN step with
+    rescore "layer", taken from the attention step's) and written."""
     path = iteration_dir(t, iterations) / "knowledge.safetensors"
     if stored_fingerprint(path) == key:
-        tensors = load_file(str(path))
-        count = len({name.split("_")[1] for name in tensors})
-        return [
-            Knowledge(tensors[f"predictive_{s}"], tensors[f"representational_{s}"])
-            for s in range(t, t + count)
-        ]
+        return read_knowledge(path, t)
     knowledge = measure()
     kill_point(f"prune:knowledge:{t}")
     tensors = {}

@@ -116,9 +116,13 @@ def test_eval_prints_accuracy_as_json(model_dir, data_csv, tmp_path, capsys):
 def test_the_knowledge_options_reach_the_record(model_dir, data_csv, tmp_path):
     out = tmp_path / "pruned"
     options = ["--flops-keep", "0.5", "--knowledge-tokens", "60", "--micro-batch-tokens", "16", "--quiet"]
-    assert main(prune_args(model_dir, data_csv, out, *options)) == 0
-    config = read_meta(out)["record"]["config"]
+    assert main(prune_args(model_dir, data_csv, out, *options, "--rescore", "layer")) == 0
+    record = read_meta(out)["record"]
+    config = record["config"]
     assert config["knowledge_tokens"] == 60 and config["micro_batch_tokens"] == 16
+    assert config["rescore"] == "layer"
+    measured = [step["knowledge_measured"] for step in record["steps"]]
+    assert measured == [True, False] * (len(measured) // 2)  # each layer's FFN reused its attention's
 
 
 def test_eval_of_a_regressor(tmp_path, capsys):

@@ -1,14 +1,16 @@
 """The whole iteration through the one-call API: budgets, identity, determinism, cached inputs, bad input."""
 
 import copy
+import hashlib
 
 import pytest
 import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
-from kprune.arch import encoder_input
+from kprune.arch import ATTENTION, encoder_input
 from kprune.config import KPruneConfig
+from kprune.flops import head_flops, neuron_flops
 from kprune.iterate import (
     StepStore,
     TeacherStream,
@@ -17,6 +19,7 @@ from kprune.iterate import (
     reads_first_token_only,
     tuning_rows,
 )
+from kprune.knowledge import measure_knowledge
 from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
@@ -286,3 +289,113 @@ def test_checked_tuning_is_recorded_and_never_worse_on_the_check_part():
     assert any(step.tune_strength is not None for step in steps)
     paper = run(tiny_model("roberta"), tiny_sample(num=48), 0.4, preset="paper")
     assert all(step.tune_strength is None and step.check_error_before is None for step in paper.record.steps)
+
+
+# ---------------------------------------------------------------- rescore: once per sublayer or per layer
+
+
+@pytest.mark.parametrize("rescore", ["sublayer", "layer"])
+def test_layer_rescore_measures_knowledge_once_per_layer(monkeypatch, rescore):
+    measured_at = []
+
+    def counted(student, subs, *args, **options):  # the real measurement, counted
+        measured_at.append(subs[0].index)
+        return measure_knowledge(student, subs, *args, **options)
+
+    monkeypatch.setattr("kprune.iterate.measure_knowledge", counted)
+    model = tiny_model("bert")
+    steps = run(model, tiny_sample(), 0.4, rescore=rescore).record.steps
+    layers = model.config.num_hidden_layers
+    expected = list(range(0, 2 * layers, 2)) if rescore == "layer" else list(range(2 * layers))
+    assert measured_at == expected  # L measurements (the attention steps) instead of 2L
+    assert [step.sublayer for step in steps if step.knowledge_measured] == expected
+
+
+class CapturingStore(StepStore):
+    """An in-memory run that keeps each step's knowledge and keep-mask."""
+
+    def __init__(self):
+        self.knowledge_of, self.mask_of = {}, {}
+
+    def knowledge(self, t, measure):
+        self.knowledge_of[t] = measure()
+        return self.knowledge_of[t]
+
+    def mask(self, t, search):
+        self.mask_of[t] = search()
+        return self.mask_of[t]
+
+
+def brute_force_mask(subs, knowledge, flops_left, seq_len, config):
+    """subs[0]'s keep-mask by hand: each candidate unit's score per FLOP (each knowledge term over its mean
+    over the candidates: knowledge_scale "mean"), ranked best first (ties: lower position), kept while the
+    running FLOPs fit the budget."""
+    predictive = torch.cat([known.predictive for known in knowledge]).double().mean().item()
+    representational = torch.cat([known.representational for known in knowledge]).double().mean().item()
+    units = []  # (score, cost, sublayer position, unit)
+    for position, (sub, known) in enumerate(zip(subs, knowledge, strict=True)):
+        hidden = sub.output.out_features
+        is_head = sub.kind == ATTENTION
+        cost = head_flops(hidden, sub.width, seq_len) if is_head else neuron_flops(hidden, seq_len)
+        for unit in range(sub.num_units):
+            score = (
+                config.lam_pred * known.predictive[unit].item() / predictive
+                + config.lam_rep * known.representational[unit].item() / representational
+            ) / cost
+            units.append((score * config.mu if is_head else score, cost, position, unit))
+    keep, spent = torch.zeros(subs[0].num_units, dtype=torch.bool), 0.0
+    for _, cost, position, unit in sorted(units, key=lambda item: -item[0]):  # stable: ties keep order
+        if spent + cost > flops_left * (1 + 1e-9):
+            break
+        spent += cost
+        if position == 0:
+            keep[unit] = True
+    return keep
+
+
+def same_knowledge(first, second) -> bool:
+    return len(first) == len(second) and all(
+        torch.equal(a.predictive, b.predictive) and torch.equal(a.representational, b.representational)
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def test_with_layer_rescore_an_ffn_step_searches_its_attention_step_s_knowledge():
+    teacher = tiny_model("bert")
+    batches = make_batches(model_inputs(teacher, tiny_sample()), 8)
+    config = KPruneConfig(0.4, rescore="layer")
+    assert config.knowledge_scale == "mean"  # what brute_force_mask computes
+    layer, sublayer = CapturingStore(), CapturingStore()
+    result = iterate(teacher, batches, config, store=layer, progress=False)
+    iterate(teacher, batches, KPruneConfig(0.4), store=sublayer, progress=False)
+    for t in (1, 3):  # the FFN steps
+        reused = layer.knowledge_of[t - 1][1:]
+        assert same_knowledge(layer.knowledge_of[t], reused)
+        flops_left = result.record.steps[t - 1].flops_left
+        expected = brute_force_mask(sublayers(teacher)[t:], reused, flops_left, result.record.seq_len, config)
+        assert torch.equal(layer.mask_of[t], expected)
+        assert 0 < int(expected.sum()) < len(expected)  # the budget binds: the ranking decides
+    # Both runs agree up to the first FFN step, where "sublayer" measures afresh and "layer" does not.
+    assert same_knowledge(layer.knowledge_of[0], sublayer.knowledge_of[0])
+    assert not same_knowledge(layer.knowledge_of[1], sublayer.knowledge_of[1])
+
+
+def weights_digest(result, folder) -> str:
+    kprune.save_pruned(result.model, folder, record=result.record)
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_sublayer_rescore_is_the_default_of_both_presets_bit_for_bit(tmp_path, preset):
+    model = tiny_model("bert")
+    sample = tiny_sample()
+    default = run(model, sample, 0.4, preset=preset)
+    spelled = run(model, sample, 0.4, preset=preset, rescore="sublayer")
+    assert default.record.config["rescore"] == "sublayer"
+    assert all(step.knowledge_measured for step in default.record.steps)
+    assert weights_digest(default, tmp_path / "default") == weights_digest(spelled, tmp_path / "spelled")
+
+
+def test_an_unknown_rescore_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"rescore must be one of \('sublayer', 'layer'\)"):
+        KPruneConfig(0.5, rescore="step")
