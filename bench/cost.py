@@ -488,11 +488,10 @@ def main(argv: list[str] | None = None) -> dict:
     main_budget = [r for r in payload["runs"] if math.isclose(r["flops_keep"], args.flops_keep)]
     plot(args.out / f"{NAME}.png", main_budget)
     notes = [
-        "One fresh process per row unless --inline; "
-        + (
-            "every row measured in one process (--inline): peak RSS mixes the rows."
+        (
+            "Every row measured in one process (--inline): peak RSS mixes the rows."
             if args.inline
-            else "one fresh process per row; peak RSS is that process's whole peak (interpreter, torch, "
+            else "One fresh process per row; peak RSS is that process's whole peak (interpreter, torch, "
             "model, sample)."
         )
         + " prune s is the prune call alone (loading excluded); for the pipeline stage, the loop's time "
