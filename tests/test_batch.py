@@ -114,22 +114,23 @@ def batch(project: Path, *arguments: str, expect: int = 0) -> subprocess.Complet
     return result
 
 
+def query(project: Path, route: str, body: dict):
+    """POST ``body`` to ``route`` of the module's Prefect server and return its JSON answer."""
+    url = project.joinpath(".api").read_text()
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}/{route}", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def flow_runs(project: Path, name: str) -> int:
     """How many runs of the Prefect flow ``name`` the module's server has recorded."""
-    url = project.joinpath(".api").read_text()
-    body = json.dumps({"flows": {"name": {"any_": [name]}}}).encode()
-    request = urllib.request.Request(f"{url}/flow_runs/count", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return int(json.loads(response.read()))
+    return int(query(project, "flow_runs/count", {"flows": {"name": {"any_": [name]}}}))
 
 
 def failed_task_runs(project: Path) -> list[dict]:
     """The task runs the module's server recorded as failed, each with its name and run_count."""
-    url = project.joinpath(".api").read_text()
-    body = json.dumps({"task_runs": {"state": {"type": {"any_": ["FAILED"]}}}}).encode()
-    request = urllib.request.Request(f"{url}/task_runs/filter", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    return query(project, "task_runs/filter", {"task_runs": {"state": {"type": {"any_": ["FAILED"]}}}})
 
 
 def folders(store: Path, stage: str) -> list[Path]:
