@@ -21,9 +21,12 @@ On a cluster of several machines STORE must be a folder every worker reaches (a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, task
@@ -398,6 +401,20 @@ def task_runner(runner: str, workers: int, scheduler: str | None):
     return ThreadPoolTaskRunner(max_workers=1) if workers == 1 else ProcessPoolTaskRunner(max_workers=workers)
 
 
+@contextlib.contextmanager
+def environment_kept() -> Iterator[None]:
+    """Give this process back its environment on exit. Dask's nanny sets OMP_NUM_THREADS=1 (and MKL's,
+    OpenBLAS's) in its own process's environment before it spawns a worker and leaves it there: every
+    process started from here afterwards (a notebook's next `dvc repro`, a stage) would run torch on one
+    thread, more slowly and with different round-off than the same job started fresh."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @flow(name="batch")
 def batch_flow(
     jobs_file: str,
@@ -426,7 +443,8 @@ def batch_flow(
     batch_params = {"jobs_file": jobs_file, "store": store_dir, "runner": runner, "workers": workers}
     with tracking.open_run(f"batch {jobs.name}", batch_params) as parent:
         inner = run_jobs_flow.with_options(task_runner=task_runner(runner, workers, scheduler))
-        rows = inner(jobs, store_dir, threads, quiet)
+        with environment_kept():
+            rows = inner(jobs, store_dir, threads, quiet)
         rows = summary.select(rows, jobs.select)
         result = summary.write_summary(rows, out_dir, jobs.select, seconds=time.perf_counter() - started)
         summary.log_runs(rows, parent)

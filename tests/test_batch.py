@@ -29,7 +29,7 @@ from tiny import sentences
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from kprune.io import WEIGHTS_FILE
-from pipeline.batch import MARK
+from pipeline.batch import MARK, environment_kept
 from pipeline.prefect_api import prefect_api
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,11 +194,25 @@ def test_one_more_budget_runs_one_prune_on_an_existing_dask_cluster(project):
     write_jobs(project, "more.yaml", jobs)
     store = project / "data/batch"
     before = set(marks(store))
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster:
+    # kept: the nanny would leave OMP_NUM_THREADS=1 to every later test's subprocesses (the pipeline's stages)
+    single = {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"}
+    with environment_kept(), LocalCluster(**single) as cluster:
         batch(project, "more.yaml", "--runner", "dask", "--scheduler", cluster.scheduler_address)
     new = {path.parent.parent.name for path in set(marks(store)) - before}
     assert sorted(new) == ["evaluate", "prune"] and len(set(marks(store)) - before) == 2
     assert [row["budget"] for row in summary(project, "more")] == [0.5, 0.6, 0.7]
+
+
+def test_a_local_dask_cluster_leaves_the_environment_of_this_process_as_it_was():
+    """Dask's nanny sets OMP_NUM_THREADS=1 in the process that starts the cluster (`kprune batch --runner
+    dask`, `kprune schedule` serving it) and keeps it there; the batch flow gives the environment back."""
+    from distributed import LocalCluster
+
+    before = dict(os.environ)
+    with environment_kept():
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"):
+            assert os.environ.get("OMP_NUM_THREADS") == "1"
+    assert dict(os.environ) == before
 
 
 def model_tensors(folder: str) -> dict[str, torch.Tensor]:
