@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from prefect import flow, task
@@ -43,7 +44,6 @@ from transformers import AutoTokenizer
 
 from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
-from kprune.evaluate import EvalSet, evaluate_model
 from kprune.io import load_pruned
 from kprune.iterate import StepStore, TeacherStream, iterate
 from kprune.knowledge import Knowledge
@@ -56,6 +56,9 @@ from pipeline import store
 from pipeline.faults import kill_point
 from pipeline.project import PIPELINE_FOLDERS, Folders
 from pipeline.task import dev_sets, load_task, window_options
+
+if TYPE_CHECKING:
+    from kprune.evaluate import EvalSet
 
 logger = logging.getLogger("pipeline.flows")
 
@@ -436,6 +439,9 @@ def evaluate_on_dev(model: nn.Module, dev_splits: dict[str, EvalSet], params: di
     """(task metrics on each dev split, other figures: CPU latency at each batch size, parameter counts).
 
     With several dev splits (MNLI matched and mismatched) the metric names end in the split's name."""
+    # Here, not at the top: scipy and sklearn add 140 MB to every stage's RSS, and only this one scores.
+    from kprune.evaluate import evaluate_model
+
     task = {}
     for split, dev in dev_splits.items():
         metrics = evaluate_model(model, dev, params["batch_size"], device)
