@@ -63,10 +63,11 @@ HiddenStates = list[torch.Tensor] | OffloadedStates  # one (B, S, d) tensor per 
 
 
 class TeacherSide(Protocol):
-    """What the loop needs of the teacher: its soft labels (per batch), the hidden states entering layer 0
-    (per batch) and, at sublayer t, its pre-LayerNorm residual sums (the tuning targets) batch by batch."""
+    """What the loop needs of the teacher: its soft labels (per batch; only those of ``knowledge_batches``
+    are read), the hidden states entering layer 0 (per batch) and, at sublayer t, its pre-LayerNorm
+    residual sums (the tuning targets) batch by batch."""
 
-    logits: Sequence[torch.Tensor]
+    logits: Sequence[torch.Tensor | None]
 
     def encoder_input(self) -> Iterable[torch.Tensor]: ...
 
@@ -75,12 +76,26 @@ class TeacherSide(Protocol):
 
 class TeacherStream:
     """The teacher's side computed as the loop goes: one whole-sample copy of its hidden states, advanced
-    in place while sublayer t's targets are read, so no sublayer's targets are ever all in memory."""
+    in place while sublayer t's targets are read, so no sublayer's targets are ever all in memory.
 
-    def __init__(self, teacher: nn.Module, batches: Batches, offload: bool = False):
+    logit_batches: the batches whose soft labels are computed (default: every one; the others' are None).
+    The loop passes those knowledge is measured on: with knowledge_tokens, a teacher forward pass over
+    the rest of the sample would be thrown away."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        batches: Batches,
+        offload: bool = False,
+        logit_batches: Sequence[int] | None = None,
+    ):
         self.teacher, self.batches, self.sublayer = teacher, batches, 0
+        wanted = set(range(len(batches)) if logit_batches is None else logit_batches)
         with torch.no_grad():
-            self.logits = [model_logits(teacher, batch) for batch in batches]
+            self.logits = [
+                model_logits(teacher, batch) if index in wanted else None
+                for index, batch in enumerate(batches)
+            ]
             self.hidden = hidden_states((encoder_input(teacher, batch) for batch in batches), offload)
 
     def encoder_input(self) -> Iterator[torch.Tensor]:
@@ -204,7 +219,7 @@ def measure(
     t: int,
     student_hidden: HiddenStates,
     batches: Batches,
-    teacher_logits: Sequence[torch.Tensor],
+    teacher_logits: Sequence[torch.Tensor | None],
     config: KPruneConfig,
 ) -> list[Knowledge]:
     """Knowledge of every unit of sublayers t, t+1, ..., 2L-1, on the batches of ``knowledge_batches``.
@@ -398,7 +413,9 @@ def iterate(
     seq_len = resolve_seq_len(config.seq_len, [batch["attention_mask"] for batch in batches])
     if offload is None:
         offload = offload_default(batches[0]["input_ids"].device)
-    teacher_side = teacher_side if teacher_side is not None else TeacherStream(teacher, batches, offload)
+    if teacher_side is None:
+        measured = knowledge_batches(batches, config.knowledge_tokens, config.seed)
+        teacher_side = TeacherStream(teacher, batches, offload, logit_batches=measured)
     store = store if store is not None else StepStore()
     total = len(sublayers(student))
     budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)

@@ -214,6 +214,28 @@ def test_knowledge_batches_are_seeded_whole_batches_of_enough_tokens():
     assert result.record.config["knowledge_tokens"] == sum(tokens) // 3
 
 
+def test_the_teacher_s_soft_labels_are_computed_only_where_knowledge_is_measured():
+    teacher = tiny_model("bert")
+    config = KPruneConfig(flops_keep=0.4, batch_size=4, knowledge_tokens=60)
+    batches = make_batches(model_inputs(teacher, tiny_sample(num=40)), config.batch_size)
+    heads = []  # the student is a deep copy, hook included: count the teacher's own head only
+
+    def count(module, args, output):
+        if module is teacher.classifier:
+            heads.append(len(output))
+
+    handle = teacher.classifier.register_forward_hook(count)
+    result = iterate(teacher, batches, config, progress=False)
+    handle.remove()
+    chosen = knowledge_batches(batches, config.knowledge_tokens, config.seed)
+    assert 0 < len(chosen) < len(batches)
+    assert heads == [len(batches[index]["attention_mask"]) for index in chosen]  # the teacher's only calls
+    every = iterate(teacher, batches, config, teacher_side=TeacherStream(teacher, batches), progress=False)
+    assert [s.kept_units for s in every.record.steps] == [s.kept_units for s in result.record.steps]
+    for name, value in every.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], value), name
+
+
 # The published algorithm's settings, spelled out: what the default run did before the improvements (this
 # test ran first against that code, the default then, and the paper preset was checked bit-identical to its
 # models on five families and two budgets).
