@@ -61,6 +61,7 @@ from bench.common import (
 from kprune.arch import CLASSIFICATION, task_of
 from kprune.evaluate import predict, task_metrics
 from kprune.sublayer import unit_counts
+from pipeline.store import folder_digest
 
 NAME = "accuracy"
 REFERENCE = "kwon"  # the method every other is compared with, row by row
@@ -119,11 +120,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the finished runs of <out>/accuracy.json (same teachers, data, sample tokens, scoring)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="prune nothing: write accuracy.md and .png from <out>/accuracy.json (an invocation stopped "
+        "before its end leaves the JSON only)",
+    )
     return parser.parse_args(argv)
 
 
-# The settings a kept run must share with this invocation: they decide its result.
-RESUME_SETTINGS = ("teachers", "prepared", "sample_tokens", "scored_on", "dev_rows", "ood", "device")
+# The settings a kept run must share with this invocation: they decide its result. The teachers' content
+# is among them: a teacher fine-tuned again (another machine rounds differently) is another teacher.
+RESUME_SETTINGS = (
+    "teachers",
+    "teacher_digests",
+    "prepared",
+    "sample_tokens",
+    "scored_on",
+    "dev_rows",
+    "ood",
+    "device",
+)
 
 
 def finished_runs(path: Path, settings: dict) -> dict[tuple, dict]:
@@ -363,11 +380,17 @@ def one_run(
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.report_only:
+        path = args.out / f"{NAME}.json"
+        if not path.is_file():
+            raise SystemExit(f"bench.accuracy: error: --report-only: no {path}")
+        payload = json.loads(path.read_text())
+        report(args.out, payload)
+        return payload
     set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     methods = {name: METHODS[name] for name in args.methods}
     methods.update(dict(args.config))
-    labels = {name: method.label for name, method in methods.items()}
     seeds = args.seeds if args.seeds is not None else [args.seed]
     info = machine()
     payload = {
@@ -375,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": info,
         "settings": {
             "teachers": [str(args.teacher)] + [teacher for teacher, _ in args.extra_teacher],
+            "teacher_digests": [
+                folder_digest(teacher) for teacher in [args.teacher, *(t for t, _ in args.extra_teacher)]
+            ],
             "prepared": [str(args.prepared)] + [prepared for _, prepared in args.extra_teacher],
             "methods": list(methods),
             "budgets": args.budgets,
@@ -441,6 +467,19 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["targets"] = check_targets(entry["summary"], teacher_accuracy)
                     write_json(out / f"{NAME}.json", payload)
         entry["sample_note"] = f"{args.sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
+    # The first teacher's figures at the top level, as before (runs, targets).
+    payload["targets"] = payload["teachers"][0].get("targets", {})
+    write_json(out / f"{NAME}.json", payload)
+    report(out, payload)
+    return payload
+
+
+def report(out: Path, payload: dict) -> str:
+    """Write accuracy.md and accuracy.png of a payload (the JSON of a finished or stopped invocation)."""
+    settings = payload["settings"]
+    methods, budgets = settings["methods"], settings["budgets"]
+    labels = {name: name for name in methods}
+    labels.update({run["method"]: run["label"] for run in payload["runs"]})
     plot(out / f"{NAME}.png", payload["teachers"], labels)
     sections = []
     for entry in payload["teachers"]:
@@ -448,21 +487,24 @@ def main(argv: list[str] | None = None) -> dict:
         sections.append(
             f"#### {entry['name']}: teacher {100 * accuracy:.2f}% on {entry['scored_rows']} "
             f"{entry['scored_on']} rows; out-of-domain texts: {entry['ood']}\n\n"
-            + table(entry["summary"], list(methods), args.budgets, labels)
+            + table(entry["summary"], methods, budgets, labels)
         )
+    finished = len([run for run in payload["runs"] if "error" not in run])
+    planned = len(settings["teachers"]) * len(methods) * len(budgets) * len(settings["seeds"])
     notes = [
         "Cells: accuracy % ± its standard error (difference to Kwon et al. on the same rows ± its paired "
         "standard error); ood: % of out-of-domain texts on which the pruned model predicts the teacher's "
         "class.",
-        f"Samples: {args.sample_tokens} tokens of train rows per seed, seeds {seeds}; each scored row "
-        "averaged over the seeds.",
+        f"Samples: {settings['sample_tokens']} tokens of train rows per seed, seeds {settings['seeds']}; "
+        "each scored row averaged over the seeds.",
     ]
-    text = write_markdown(out / f"{NAME}.md", "Accuracy vs FLOPs kept", info, "\n\n".join(sections), notes)
+    if finished < planned:
+        notes.append(f"Stopped before its end: {finished} of the {planned} planned runs finished.")
+    text = write_markdown(
+        out / f"{NAME}.md", "Accuracy vs FLOPs kept", payload["machine"], "\n\n".join(sections), notes
+    )
     print(text)
-    # The first teacher's figures at the top level, as before (runs, targets).
-    payload["targets"] = payload["teachers"][0].get("targets", {})
-    write_json(out / f"{NAME}.json", payload)
-    return payload
+    return text
 
 
 if __name__ == "__main__":

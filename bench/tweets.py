@@ -196,10 +196,10 @@ def extract(out: Path, dev_fraction: float = 0.2, seed: int = 0, source: Path | 
     }
 
 
-def teacher_params(out: Path) -> tuple[dict, dict]:
+def teacher_params(out: Path, epochs: float | None = None) -> tuple[dict, dict]:
     """params.yaml's data and teacher sections with the data pointed at OUT's CSV files (a local
-    three-class task); every other setting (sample_tokens, max_length, the base model, epochs...) is
-    the project's."""
+    three-class task); every other setting (sample_tokens, max_length, the base model, epochs unless
+    given...) is the project's."""
     from pipeline.params import ParamsError, check_params
     from pipeline.project import load_params
 
@@ -213,6 +213,8 @@ def teacher_params(out: Path) -> tuple[dict, dict]:
             label_column="label",
             label_names=list(LABELS),
         )
+        if epochs is not None:
+            params["teacher"]["epochs"] = epochs
         check_params(params, ["data", "teacher"])
     except ParamsError as error:
         raise TweetsError(str(error)) from None
@@ -251,13 +253,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="then prepare the data and fine-tune the teacher with the pipeline's stages (params.yaml)",
     )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="epochs of the teacher's fine-tuning (default: params.yaml's teacher.epochs; 2 epochs take "
+        "about an hour on 2 cores)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
-        params = teacher_params(args.out) if args.teacher else None  # a bad params.yaml fails first
+        params = (
+            teacher_params(args.out, args.epochs) if args.teacher else None
+        )  # a bad params.yaml fails first
         summary = extract(args.out, args.dev_fraction, args.seed)
     except TweetsError as error:
         print(f"python -m bench.tweets: error: {error}", file=sys.stderr)

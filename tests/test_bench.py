@@ -3,6 +3,7 @@ writes its JSON, PNG and markdown with the expected keys. No data/teacher, no re
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,8 +61,16 @@ def test_sample_rows_grow_by_prefix():
 
 
 def test_accuracy_resume_keeps_finished_runs_and_refuses_other_settings(workspace, tmp_path):
-    args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150"]  # its own --out
+    shutil.copytree(workspace / "teacher", tmp_path / "teacher")  # its own teacher and --out
+    args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150"]
+    args[args.index("--teacher") + 1] = str(tmp_path / "teacher")
     first = accuracy.main(args + ["--methods", "kprune,kwon", "--budgets", "0.5"])
+    report = (tmp_path / "accuracy.md").read_text()
+    for suffix in ("md", "png"):
+        (tmp_path / f"accuracy.{suffix}").unlink()
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert accuracy.main(args + ["--report-only"]) == saved  # from the JSON alone: nothing pruned
+    assert (tmp_path / "accuracy.md").read_text() == report and (tmp_path / "accuracy.png").stat().st_size
     second = accuracy.main(args + ["--methods", "kprune,kwon", "--budgets", "0.5,0.4", "--resume"])
     kept = [run for run in second["runs"] if run["flops_keep"] == 0.5]
     assert kept == json.loads(json.dumps(first["runs"]))  # not pruned again: even their seconds are equal
@@ -76,6 +85,10 @@ def test_accuracy_resume_keeps_finished_runs_and_refuses_other_settings(workspac
     assert len(third["other_runs"]) == 3
     with pytest.raises(SystemExit, match="sample_tokens 150, this run has 120"):
         accuracy.main([*args[:-1], "120", "--methods", "kwon", "--budgets", "0.4", "--resume"])
+    # The same folder with another fine-tuning in it is another teacher.
+    tiny_model("bert", num_labels=2, seed=1).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(SystemExit, match="teacher_digests"):
+        accuracy.main(args + ["--methods", "kwon", "--budgets", "0.4", "--resume"])
 
 
 def test_accuracy_speed_cost_write_their_results(workspace):

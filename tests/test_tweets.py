@@ -156,6 +156,7 @@ def test_the_teacher_comes_from_the_pipeline_stages_in_the_layout_of_extra_teach
     tweets.extract(out, 0.2, 0, write_corpus(tmp_path / "corpus.csv"))
     monkeypatch.chdir(ROOT)  # params.yaml
     data, teacher = tweets.teacher_params(out)
+    assert tweets.teacher_params(out, epochs=0.5)[1] == {**teacher, "epochs": 0.5}  # --epochs
     data["sample_tokens"] = 100
     teacher.update(base=str(tiny_base_model(tmp_path / "base")), epochs=1, device="cpu")
     figures = tweets.build_teacher(out, data, teacher)
