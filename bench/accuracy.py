@@ -393,15 +393,14 @@ def main(argv: list[str] | None = None) -> dict:
     methods.update(dict(args.config))
     seeds = args.seeds if args.seeds is not None else [args.seed]
     info = machine()
+    teachers = [(args.teacher, args.prepared), *map(tuple, args.extra_teacher)]
     payload = {
         "benchmark": NAME,
         "machine": info,
         "settings": {
-            "teachers": [str(args.teacher)] + [teacher for teacher, _ in args.extra_teacher],
-            "teacher_digests": [
-                folder_digest(teacher) for teacher in [args.teacher, *(t for t, _ in args.extra_teacher)]
-            ],
-            "prepared": [str(args.prepared)] + [prepared for _, prepared in args.extra_teacher],
+            "teachers": [str(teacher) for teacher, _ in teachers],
+            "teacher_digests": [folder_digest(teacher) for teacher, _ in teachers],
+            "prepared": [str(prepared) for _, prepared in teachers],
             "methods": list(methods),
             "budgets": args.budgets,
             "sample_tokens": args.sample_tokens,
@@ -415,7 +414,6 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
     }
     out = args.out
-    teachers = [(args.teacher, args.prepared), *map(tuple, args.extra_teacher)]
     kept = finished_runs(out / f"{NAME}.json", payload["settings"]) if args.resume else {}
     plan = {(Path(t).name, name, budget, seed) for t, _ in teachers for name in methods
             for budget in args.budgets for seed in seeds}  # fmt: skip
