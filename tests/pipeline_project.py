@@ -8,12 +8,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+
+from pipeline.prefect_api import SERVER_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBLAYERS = 4  # of the reference project's tiny model (2 layers)
@@ -61,6 +65,27 @@ def dvc(project: Path, *arguments: str, **options):
 
 def stages_run(result) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def servers_of(project: Path) -> list[psutil.Process]:
+    """Prefect servers of ``project``: ours (their command line names it) or Prefect's own (run in it)."""
+    servers = []
+    for process in psutil.process_iter(["cmdline", "cwd", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        running = process.info["status"] != psutil.STATUS_ZOMBIE
+        is_server = SERVER_MODULE in cmdline or "prefect.server.api.server:create_app" in cmdline
+        if running and is_server and (str(project) in cmdline or process.info["cwd"] == str(project)):
+            servers.append(process)
+    return servers
 
 
 def digest(path: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pipeline_project import SUBLAYERS, digest, dvc, run, stages_run
+from pipeline_project import SUBLAYERS, digest, dvc, run, servers_of, stages_run, wait_until
 
 import kprune
 from pipeline.faults import INTERRUPT_AT_ENV, KILL_AT_ENV
@@ -35,8 +35,10 @@ def forget(project: Path, *outputs: str) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def killed(project: Path, point: str, *arguments: str) -> subprocess.CompletedProcess:
-    result = dvc(project, "repro", *arguments, env={KILL_AT_ENV: point}, check=False)
+def killed(
+    project: Path, point: str, *arguments: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    result = dvc(project, "repro", *arguments, env={KILL_AT_ENV: point, **(env or {})}, check=False)
     assert result.returncode != 0
     assert f"{KILL_AT_ENV}: killed at {point}" in result.stderr  # the kill, not another failure
     return result
@@ -90,8 +92,9 @@ def terminal_sigint() -> None:
 def test_ctrl_c_and_sigkills_during_pruning(reference, workspace):
     """One prune stopped three times, each next run resuming where the last stopped: Ctrl-C in
     `python -m pipeline run` while iteration 1 measures knowledge (one line, exit 2), kill -9 while
-    iteration 2 tunes its weight, kill -9 while iteration 3 measures knowledge; the last `dvc repro`
-    finishes with the reference run's iteration files and exported model, bit for bit."""
+    iteration 2 tunes its weight (a bare `dvc repro`: the server its stage starts must not outlive it),
+    kill -9 while iteration 3 measures knowledge; the last `dvc repro` finishes with the reference run's
+    iteration files and exported model, bit for bit."""
     forget(workspace, "data/prune", "data/export")
     iterations = workspace / ITERATIONS
     interrupted = run(
@@ -109,7 +112,8 @@ def test_ctrl_c_and_sigkills_during_pruning(reference, workspace):
     )
     assert sorted(path.parent.name for path in iterations.glob("*/step.json")) == ["00"]
 
-    killed(workspace, "prune:tune:2", "prune")
+    killed(workspace, "prune:tune:2", "prune", env={"PREFECT_API_URL": None})
+    assert wait_until(lambda: not servers_of(workspace), seconds=10)
     assert sorted(path.name for path in (iterations / "02").iterdir()) == [
         "knowledge.safetensors",
         "mask.json",
