@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-only",
         action="store_true",
         help="prune nothing: write accuracy.md and .png from <out>/accuracy.json (an invocation stopped "
-        "before its end leaves the JSON only)",
+        "before its end leaves the JSON only); with --seeds, summarise the runs of those seeds that the "
+        "JSON holds (its runs and other_runs: seeds pruned by separate invocations are pooled)",
     )
     return parser.parse_args(argv)
 
@@ -385,6 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not path.is_file():
             raise SystemExit(f"bench.accuracy: error: --report-only: no {path}")
         payload = json.loads(path.read_text())
+        if args.seeds is not None:
+            payload = pooled_seeds(payload, args.seeds)
+            write_json(path, payload)
         report(args.out, payload)
         return payload
     set_threads(args.threads)
@@ -455,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, method in methods.items():
                 for budget in args.budgets:
                     run = kept.get((entry["name"], name, budget, seed))
+                    if run is not None and run["label"] != method.label:
+                        run = None  # the name meant another method when that run was made
                     if run is None:
                         run = one_run(scoring, name, method, sample, sample_labels, budget, seed, vectors)
                     else:
@@ -469,6 +475,35 @@ def main(argv: list[str] | None = None) -> dict:
     payload["targets"] = payload["teachers"][0].get("targets", {})
     write_json(out / f"{NAME}.json", payload)
     report(out, payload)
+    return payload
+
+
+def pooled_seeds(payload: dict, seeds: list[int]) -> dict:
+    """The payload summarised over ``seeds`` from the per-row outcomes of every finished run it holds
+    (runs and other_runs); the runs of other seeds move to other_runs."""
+    everything = [*payload["runs"], *payload.get("other_runs", [])]
+    missing = sorted(set(seeds) - {run["seed"] for run in everything})
+    if missing:
+        raise SystemExit(f"bench.accuracy: error: --seeds: no runs of seeds {missing} in the JSON")
+    chosen = [run for run in everything if run["seed"] in seeds and "error" not in run]
+    settings = payload["settings"]
+    methods = list(dict.fromkeys([*settings["methods"], *(run["method"] for run in chosen)]))
+    budgets = sorted({run["flops_keep"] for run in chosen}, reverse=True)
+    for entry in payload["teachers"]:
+        vectors = {
+            (run["method"], run["flops_keep"], run["seed"]): row_outcomes(run)
+            for run in chosen
+            if run["teacher"] == entry["name"]
+        }
+        accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))
+        entry["summary"] = summarise(vectors, methods, budgets)
+        entry["targets"] = check_targets(entry["summary"], accuracy)
+        sample_tokens = settings["sample_tokens"]
+        entry["sample_note"] = f"{sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
+    settings.update(methods=methods, budgets=budgets, seeds=seeds)
+    payload["runs"] = chosen
+    payload["other_runs"] = [run for run in everything if run not in chosen]
+    payload["targets"] = payload["teachers"][0].get("targets", {})
     return payload
 
 

@@ -22,7 +22,7 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
-from kprune.config import BATCH_GRADIENT, DEFAULT, LAYER_RESCORE, PAPER, PRESETS
+from kprune.config import ALL_TOKENS, BATCH_GRADIENT, DEFAULT, LAYER_RESCORE, PAPER, PRESETS, SUBLAYER_RESCORE
 from kprune.data import seeded_rows
 from kprune.models import load_model
 from kprune.record import PruneResult
@@ -57,7 +57,7 @@ def _kprune(**options) -> Prune:
 # One line per method; the key is what --methods takes. "kprune" is the default preset, the others of
 # K-prune are ablations of it, but "kprune-paper+..." which add ONE new piece to the paper preset.
 METHODS: dict[str, Method] = {
-    "kprune": Method("K-prune", _kprune()),
+    "kprune": Method("K-prune (default preset)", _kprune()),
     "kprune-paper": Method("K-prune, paper preset", _kprune(preset=PAPER)),
     "kprune-paper+check": Method(
         "paper + checked tuning (1)",
@@ -77,11 +77,17 @@ METHODS: dict[str, Method] = {
     "kprune-no-tuning": Method("K-prune w/o weight tuning", _kprune(tune_weights=False)),
     "kprune-pred-only": Method("K-prune predictive only", _kprune(lam_rep=0.0)),
     "kprune-rep-only": Method("K-prune representational only", _kprune(lam_pred=0.0)),
-    "kprune-fast": Method("K-prune, knowledge on 25k tokens", _kprune(knowledge_tokens=25_000)),
-    "kprune-layer": Method("K-prune, re-scored once per layer", _kprune(rescore=LAYER_RESCORE)),
-    "kprune-layer-fast": Method(
-        "K-prune, re-scored once per layer, knowledge on 25k tokens",
-        _kprune(rescore=LAYER_RESCORE, knowledge_tokens=25_000),
+    "kprune-exact": Method(
+        "K-prune, knowledge at every sublayer on every token",
+        _kprune(rescore=SUBLAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
+    ),
+    "kprune-fast": Method(
+        "K-prune, knowledge at every sublayer on 25k tokens",
+        _kprune(rescore=SUBLAYER_RESCORE, knowledge_tokens=25_000),
+    ),
+    "kprune-layer": Method(
+        "K-prune, re-scored once per layer on every token",
+        _kprune(rescore=LAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
     ),
     "kprune-batch-gradient": Method(
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)

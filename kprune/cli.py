@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kprune.config import DEFAULT_NUM_TOKENS, PRESETS, RESCORE_MODES, KPruneConfig
+from kprune.config import ALL_TOKENS, DEFAULT_NUM_TOKENS, PRESETS, RESCORE_MODES, KPruneConfig
 from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE, TASKS, TaskSpec, custom_task, get_task
 
 if TYPE_CHECKING:
@@ -77,6 +77,10 @@ FRACTION_REMOVED = _number(
 POSITIVE_INT = _number(int, lambda value: value >= 1, "a positive integer")
 POSITIVE = _number(float, lambda value: value > 0, "a positive number")
 NON_NEGATIVE = _number(float, lambda value: value >= 0, "a number >= 0")
+
+
+def _knowledge_tokens(text: str) -> int | str:
+    return ALL_TOKENS if text == ALL_TOKENS else POSITIVE_INT(text)
 
 
 def _device(text: str) -> torch.device:
@@ -316,19 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune_parser.add_argument(
         "--knowledge-tokens",
-        type=POSITIVE_INT,
-        metavar="N",
+        type=_knowledge_tokens,
+        metavar="N|all",
         default=None,
-        help="opt-in approximation for speed: measure knowledge on seeded whole batches holding about N "
-        "tokens of the sample (the least squares still use all of it); default: the whole sample",
+        help="measure knowledge on seeded whole batches holding about N tokens of the sample, an "
+        "approximation for speed (the least squares still use all of it); 'all': the whole sample "
+        "(default: the preset's, "
+        + ", ".join(f"{name} {values['knowledge_tokens']}" for name, values in PRESETS.items())
+        + ")",
     )
     prune_parser.add_argument(
         "--rescore",
         choices=RESCORE_MODES,
-        default=DEFAULTS.rescore,
-        help="when the units of the sublayers above are re-scored: 'sublayer' at every sublayer (default, "
-        "the paper); 'layer' at each layer's attention sublayer only, whose measurement the layer's FFN "
-        "sublayer reuses (an opt-in approximation for speed: half the knowledge measurements)",
+        default=None,
+        help="when the units of the sublayers above are re-scored: 'sublayer' at every sublayer (the "
+        "paper); 'layer' at each layer's attention sublayer only, whose measurement the layer's FFN "
+        "sublayer reuses (an approximation for speed: half the knowledge measurements); default: the "
+        "preset's, " + ", ".join(f"{name} {values['rescore']}" for name, values in PRESETS.items()),
     )
     _add_common(prune_parser)
     prune_parser.set_defaults(run=run_prune)

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
-from kprune.config import SUBLAYER_RESCORE, KPruneConfig
+from kprune.config import ALL_TOKENS, SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
 from kprune.memory import OffloadedStates, hidden_states, offload_default
@@ -169,10 +169,10 @@ def step_generator(seed: int, t: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, t]).generate_state(1)[0]))
 
 
-def knowledge_batches(batches: Batches, knowledge_tokens: int | None, seed: int) -> list[int]:
-    """The batches knowledge is measured on: every one, or whole batches in a seeded order until they
-    hold ``knowledge_tokens`` real tokens (in sample order; the same at every step)."""
-    if knowledge_tokens is None:
+def knowledge_batches(batches: Batches, knowledge_tokens: int | str, seed: int) -> list[int]:
+    """The batches knowledge is measured on: every one ("all"), or whole batches in a seeded order until
+    they hold ``knowledge_tokens`` real tokens (in sample order; the same at every step)."""
+    if knowledge_tokens == ALL_TOKENS:
         return list(range(len(batches)))
     chosen, tokens = [], 0
     for index in torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist():

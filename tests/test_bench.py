@@ -91,6 +91,21 @@ def test_accuracy_resume_keeps_finished_runs_and_refuses_other_settings(workspac
         accuracy.main(args + ["--methods", "kwon", "--budgets", "0.4", "--resume"])
 
 
+def test_accuracy_report_only_pools_seeds_pruned_by_separate_invocations(workspace, tmp_path):
+    args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150"]
+    plan = ["--methods", "kprune,kwon", "--budgets", "0.5"]
+    accuracy.main(args + plan + ["--seeds", "0"])
+    accuracy.main(args + plan + ["--seeds", "1", "--resume"])  # seed 0 moves to other_runs
+    pooled = accuracy.main(args + ["--report-only", "--seeds", "0,1"])
+    # The same figures as one invocation over both seeds (which keeps every run: nothing is pruned again).
+    together = accuracy.main(args + plan + ["--seeds", "0,1", "--resume"])
+    assert pooled["teachers"][0]["summary"] == together["teachers"][0]["summary"]
+    assert [entry["seeds"] for entry in pooled["teachers"][0]["summary"]] == [[0, 1], [0, 1]]
+    assert "seeds [0, 1]" in (tmp_path / "accuracy.md").read_text()
+    with pytest.raises(SystemExit, match=r"no runs of seeds \[2\]"):
+        accuracy.main(args + ["--report-only", "--seeds", "1,2"])
+
+
 def test_accuracy_speed_cost_write_their_results(workspace):
     args = common_args(workspace)
     methods = "kprune,kwon,magnitude"

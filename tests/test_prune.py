@@ -105,7 +105,7 @@ def test_each_step_feeds_the_next_from_the_carried_student_input():
     """The carried hidden states equal a fresh forward of the partly pruned student from its embeddings."""
     teacher = tiny_model("distilbert")
     sample = model_inputs(teacher, tiny_sample())
-    config = kprune.KPruneConfig(flops_keep=0.3, batch_size=10)
+    config = kprune.KPruneConfig(flops_keep=0.3, batch_size=10, rescore="sublayer")  # measured at every t
     batches = make_batches(sample, config.batch_size)
     reference, checked = copy.deepcopy(teacher), []
 
@@ -130,7 +130,9 @@ def test_each_step_feeds_the_next_from_the_carried_student_input():
 def test_a_resumed_run_gives_the_model_of_a_straight_run(done):
     teacher = tiny_model("bert")
     sample = model_inputs(teacher, tiny_sample())
-    config = kprune.KPruneConfig(flops_keep=0.4, batch_size=8)
+    # This store keeps no knowledge, which a resume at an FFN step with rescore "layer" reads back
+    # (tests/test_iteration_files.py resumes that case with the pipeline's store).
+    config = kprune.KPruneConfig(flops_keep=0.4, batch_size=8, rescore="sublayer")
     batches = make_batches(sample, config.batch_size)
     straight_store = MemoryStore()
     straight = iterate(teacher, batches, config, store=straight_store, progress=False)
@@ -204,7 +206,7 @@ def test_knowledge_batches_are_seeded_whole_batches_of_enough_tokens():
     sample = tiny_sample(num=40)
     batches = make_batches(sample, 4)
     tokens = [int(batch["attention_mask"].sum()) for batch in batches]
-    assert knowledge_batches(batches, None, 0) == list(range(len(batches)))
+    assert knowledge_batches(batches, "all", 0) == list(range(len(batches)))
     chosen = knowledge_batches(batches, sum(tokens) // 3, seed=1)
     assert chosen == sorted(chosen) and chosen == knowledge_batches(batches, sum(tokens) // 3, seed=1)
     held = sum(tokens[index] for index in chosen)
@@ -249,6 +251,8 @@ PAPER_SETTINGS = dict(
     knowledge_scale="raw",
     head_positions=False,
     check_fraction=0.0,
+    rescore="sublayer",
+    knowledge_tokens="all",
 )
 
 
@@ -389,7 +393,7 @@ def test_with_layer_rescore_an_ffn_step_searches_its_attention_step_s_knowledge(
     assert config.knowledge_scale == "mean"  # what brute_force_mask computes
     layer, sublayer = CapturingStore(), CapturingStore()
     result = iterate(teacher, batches, config, store=layer, progress=False)
-    iterate(teacher, batches, KPruneConfig(0.4), store=sublayer, progress=False)
+    iterate(teacher, batches, KPruneConfig(0.4, rescore="sublayer"), store=sublayer, progress=False)
     for t in (1, 3):  # the FFN steps
         reused = layer.knowledge_of[t - 1][1:]
         assert same_knowledge(layer.knowledge_of[t], reused)
@@ -407,15 +411,28 @@ def weights_digest(result, folder) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("preset", ["default", "paper"])
-def test_sublayer_rescore_is_the_default_of_both_presets_bit_for_bit(tmp_path, preset):
+@pytest.mark.parametrize(
+    ("preset", "rescore", "knowledge_tokens"), [("default", "layer", 25_000), ("paper", "sublayer", "all")]
+)
+def test_each_preset_sets_its_measurement_bit_for_bit(tmp_path, preset, rescore, knowledge_tokens):
     model = tiny_model("bert")
     sample = tiny_sample()
     default = run(model, sample, 0.4, preset=preset)
-    spelled = run(model, sample, 0.4, preset=preset, rescore="sublayer")
-    assert default.record.config["rescore"] == "sublayer"
-    assert all(step.knowledge_measured for step in default.record.steps)
+    spelled = run(model, sample, 0.4, preset=preset, rescore=rescore, knowledge_tokens=knowledge_tokens)
+    assert (default.record.config["rescore"], default.record.config["knowledge_tokens"]) == (
+        rescore,
+        knowledge_tokens,
+    )
+    measured = [step.knowledge_measured for step in default.record.steps]
+    assert measured == [rescore == "sublayer" or step.kind == "attention" for step in default.record.steps]
     assert weights_digest(default, tmp_path / "default") == weights_digest(spelled, tmp_path / "spelled")
+
+
+def test_knowledge_tokens_is_a_positive_integer_or_all():
+    assert KPruneConfig(0.5, knowledge_tokens="all").knowledge_tokens == "all"
+    for wrong in (0, -5, "half", 2.5):
+        with pytest.raises(ValueError, match="knowledge_tokens must be an integer >= 1 or 'all'"):
+            KPruneConfig(0.5, knowledge_tokens=wrong)
 
 
 def test_an_unknown_rescore_is_one_clear_error():
