@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bert-base-plan",
         type=method_tokens,
-        default=method_tokens("kprune:100000,kwon:100000,kprune-fast:100000,kprune-fast:200000"),
+        default=method_tokens("kprune:100000,kwon:100000,kprune:200000"),
         help="METHOD:TOKENS rows on the BERT-base shape (default: %(default)s; '' for none)",
     )
     parser.add_argument(

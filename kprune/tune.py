@@ -41,8 +41,14 @@ class LeastSquaresStats:
             raise ValueError(f"need num_features >= 0 and out_dim > 0, got {num_features} and {out_dim}")
         self.gram = torch.zeros(num_features, num_features, dtype=torch.float64, device=device)
         self.cross = torch.zeros(num_features, out_dim, dtype=torch.float64, device=device)
-        self.target_sq = 0.0
+        # A tensor on the statistics' device: reading it per batch would wait for a GPU at every batch.
+        self.target_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.num_rows = 0
+
+    @property
+    def target_sq(self) -> float:
+        """||R||^2 over the rows added so far."""
+        return float(self.target_sq_sum)
 
     @property
     def num_features(self) -> int:
@@ -64,7 +70,7 @@ class LeastSquaresStats:
         target = target.detach().to(device=self.gram.device, dtype=torch.float64)
         self.gram.addmm_(features.T, features)
         self.cross.addmm_(features.T, target)
-        self.target_sq += float(target.square().sum())
+        self.target_sq_sum += target.square().sum()
         self.num_rows += features.shape[0]
 
     def select(self, keep: Tensor) -> "LeastSquaresStats":
@@ -79,7 +85,7 @@ class LeastSquaresStats:
         selected = LeastSquaresStats(index.numel(), self.out_dim, device=self.gram.device)
         selected.gram = self.gram[index][:, index]
         selected.cross = self.cross[index]
-        selected.target_sq = self.target_sq
+        selected.target_sq_sum = self.target_sq_sum
         selected.num_rows = self.num_rows
         return selected
 
@@ -87,7 +93,8 @@ class LeastSquaresStats:
         """The statistics of both sets of rows."""
         total = LeastSquaresStats(self.num_features, self.out_dim, device=self.gram.device)
         total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
-        total.target_sq, total.num_rows = self.target_sq + other.target_sq, self.num_rows + other.num_rows
+        total.target_sq_sum = self.target_sq_sum + other.target_sq_sum
+        total.num_rows = self.num_rows + other.num_rows
         return total
 
     def error(self, weight: Tensor) -> float:
