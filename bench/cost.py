@@ -48,7 +48,7 @@ from bench.common import (
     write_json,
     write_markdown,
 )
-from kprune.memory import limit_heap_fragmentation
+from kprune.memory import configure_cpu_memory
 
 NAME = "cost"
 TEACHER_MODEL = "teacher"
@@ -146,8 +146,8 @@ def bert_base_random(shape, vocab_size: int, seed: int) -> torch.nn.Module:
 
 def measure_one(args: argparse.Namespace) -> dict:
     """Load the model and the sample, then time one prune; RSS figures are of this process, with the
-    heap setting of the CLI and the pipeline (kprune.memory.limit_heap_fragmentation)."""
-    limit_heap_fragmentation()
+    heap setting of the CLI and the pipeline (kprune.memory.configure_cpu_memory)."""
+    configure_cpu_memory()
     rss_start = current_rss_mb()
     sample, labels = draw_sample(args.prepared, args.num_tokens, args.seed)
     if args.model == TEACHER_MODEL:

@@ -885,9 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["kprune", *(sys.argv[1:] if argv is None else argv)])  # for model cards
-    from kprune.memory import limit_heap_fragmentation
+    from kprune.memory import configure_cpu_memory
 
-    limit_heap_fragmentation()
+    configure_cpu_memory()
     with _console_logging(args.quiet, args.verbose):
         try:
             args.run(args)

@@ -110,11 +110,11 @@ def setup_logging() -> None:
 def start_stage() -> None:
     """Call first in every stage: quiet offline settings, logging, and a heap that gives freed memory
     back (kprune.memory)."""
-    from kprune.memory import limit_heap_fragmentation
+    from kprune.memory import configure_cpu_memory
 
     quiet_environment()
     setup_logging()
-    limit_heap_fragmentation()
+    configure_cpu_memory()
     import datasets
 
     datasets.disable_progress_bars()  # per-shard bars of tiny writes; the stages draw their own

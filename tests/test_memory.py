@@ -1,16 +1,20 @@
 """Offloaded hidden states: a list kept in a temporary file, read and written one batch at a time."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kprune.memory import (
+    TORCH_HUGE_PAGES,
     OffloadedStates,
     StateBuffer,
+    configure_cpu_memory,
     hidden_state_buffer,
     hidden_states,
-    limit_heap_fragmentation,
     offload_default,
 )
 
@@ -53,4 +57,31 @@ def test_hidden_states_are_a_list_unless_offloaded():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_heap_setting_applies_on_linux():
-    assert limit_heap_fragmentation()
+    assert configure_cpu_memory()
+
+
+LARGE_TENSOR_PAGES = """
+import torch
+from kprune.memory import configure_cpu_memory
+{configure}
+tensor = torch.ones(64 << 18)  # 64 MB, touched
+print(sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages")))
+"""
+THP_MODES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP_MODES.exists() or "[never]" in THP_MODES.read_text(), reason="no transparent huge pages"
+)
+def test_large_tensors_come_on_huge_pages_once_configured():
+    def huge_kb(configure: str) -> int:
+        environment = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
+        code = LARGE_TENSOR_PAGES.format(configure=configure)
+        completed = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+        )
+        assert completed.returncode == 0, completed.stderr
+        return int(completed.stdout.split()[-1])
+
+    assert huge_kb("") == 0  # torch's default: 4 kB pages
+    assert huge_kb("configure_cpu_memory()") >= 32 << 10  # most of the 64 MB on 2 MB pages
