@@ -87,7 +87,10 @@ def test_prune_never_raises_keeps_the_budget_and_the_result_reloads(
     assert unit_counts(reloaded) == unit_counts(result.model)
     logits = model_logits(reloaded, sample)
     assert torch.isfinite(logits).all()
-    assert torch.equal(logits, model_logits(result.model, sample))
+    # The state dicts are equal, but from_pretrained leaves the loaded weights at the file's offsets (not
+    # 64-byte aligned), and on some CPUs MKL's small matrix products round such operands differently in
+    # the last bit (seen: 6e-8 in the pooler of a one-layer BERT); a wrong weight would differ by far more.
+    torch.testing.assert_close(logits, model_logits(result.model, sample), rtol=1e-5, atol=1e-6)
 
 
 DETERMINISM_SCRIPT = """
