@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "samples": {},
             "summary": [],
+            "sample_note": sample_note(args.sample_tokens, seeds),
         }
         payload["teachers"].append(entry)
         teacher_accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))
@@ -470,7 +471,6 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["summary"] = summarise(vectors, list(methods), args.budgets)
                     entry["targets"] = check_targets(entry["summary"], teacher_accuracy)
                     write_json(out / f"{NAME}.json", payload)
-        entry["sample_note"] = f"{args.sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
     # The first teacher's figures at the top level, as before (runs, targets).
     payload["targets"] = payload["teachers"][0].get("targets", {})
     write_json(out / f"{NAME}.json", payload)
@@ -498,8 +498,7 @@ def pooled_seeds(payload: dict, seeds: list[int]) -> dict:
         accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))
         entry["summary"] = summarise(vectors, methods, budgets)
         entry["targets"] = check_targets(entry["summary"], accuracy)
-        sample_tokens = settings["sample_tokens"]
-        entry["sample_note"] = f"{sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
+        entry["sample_note"] = sample_note(settings["sample_tokens"], seeds)
     settings.update(methods=methods, budgets=budgets, seeds=seeds)
     payload["runs"] = chosen
     payload["other_runs"] = [run for run in everything if run not in chosen]
@@ -507,9 +506,15 @@ def pooled_seeds(payload: dict, seeds: list[int]) -> dict:
     return payload
 
 
+def sample_note(sample_tokens: int, seeds: list[int]) -> str:
+    return f"{sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
+
+
 def report(out: Path, payload: dict) -> str:
     """Write accuracy.md and accuracy.png of a payload (the JSON of a finished or stopped invocation)."""
     settings = payload["settings"]
+    for entry in payload["teachers"]:  # a JSON stopped mid-teacher, written before the note was set early
+        entry.setdefault("sample_note", sample_note(settings["sample_tokens"], settings["seeds"]))
     methods, budgets = settings["methods"], settings["budgets"]
     labels = {name: name for name in methods}
     labels.update({run["method"]: run["label"] for run in payload["runs"]})

@@ -104,6 +104,12 @@ def test_accuracy_report_only_pools_seeds_pruned_by_separate_invocations(workspa
     assert "seeds [0, 1]" in (tmp_path / "accuracy.md").read_text()
     with pytest.raises(SystemExit, match=r"no runs of seeds \[2\]"):
         accuracy.main(args + ["--report-only", "--seeds", "1,2"])
+    # A JSON of an invocation stopped inside a teacher's runs, as older versions wrote it (no sample note).
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    saved["teachers"][0].pop("sample_note")
+    (tmp_path / "accuracy.json").write_text(json.dumps(saved))
+    accuracy.main(args + ["--report-only"])
+    assert "accuracy" in (tmp_path / "accuracy.md").read_text()
 
 
 def test_accuracy_speed_cost_write_their_results(workspace):
