@@ -258,7 +258,7 @@ def check_targets(summary: list[dict], teacher_accuracy: float) -> dict:
     return targets
 
 
-def plot(path, teachers: list[dict], labels: dict[str, str]) -> None:
+def plot(path, teachers: list[dict], labels: dict[str, str], note: str) -> None:
     plt = pyplot()
     figure, all_axes = plt.subplots(1, len(teachers), figsize=(7 * len(teachers), 4.5), squeeze=False)
     for axes, teacher in zip(all_axes[0], teachers, strict=True):
@@ -276,9 +276,7 @@ def plot(path, teachers: list[dict], labels: dict[str, str]) -> None:
         axes.axhline(100 * accuracy, color="black", linestyle="--", linewidth=1, label="teacher")
         axes.set_xlabel("FLOPs kept (fraction of the encoder's)")
         axes.set_ylabel(f"{teacher['scored_on']} accuracy (%)")
-        axes.set_title(
-            f"{teacher['name']} (teacher {100 * accuracy:.2f}%, {teacher['sample_note']})", fontsize=9
-        )
+        axes.set_title(f"{teacher['name']} (teacher {100 * accuracy:.2f}%, {note})", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
     figure.tight_layout()
@@ -443,7 +441,6 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "samples": {},
             "summary": [],
-            "sample_note": sample_note(args.sample_tokens, seeds),
         }
         payload["teachers"].append(entry)
         teacher_accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))
@@ -498,7 +495,6 @@ def pooled_seeds(payload: dict, seeds: list[int]) -> dict:
         accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))
         entry["summary"] = summarise(vectors, methods, budgets)
         entry["targets"] = check_targets(entry["summary"], accuracy)
-        entry["sample_note"] = sample_note(settings["sample_tokens"], seeds)
     settings.update(methods=methods, budgets=budgets, seeds=seeds)
     payload["runs"] = chosen
     payload["other_runs"] = [run for run in everything if run not in chosen]
@@ -506,19 +502,14 @@ def pooled_seeds(payload: dict, seeds: list[int]) -> dict:
     return payload
 
 
-def sample_note(sample_tokens: int, seeds: list[int]) -> str:
-    return f"{sample_tokens} sample tokens, seeds {','.join(map(str, seeds))}"
-
-
 def report(out: Path, payload: dict) -> str:
     """Write accuracy.md and accuracy.png of a payload (the JSON of a finished or stopped invocation)."""
     settings = payload["settings"]
-    for entry in payload["teachers"]:  # a JSON stopped mid-teacher, written before the note was set early
-        entry.setdefault("sample_note", sample_note(settings["sample_tokens"], settings["seeds"]))
     methods, budgets = settings["methods"], settings["budgets"]
     labels = {name: name for name in methods}
     labels.update({run["method"]: run["label"] for run in payload["runs"]})
-    plot(out / f"{NAME}.png", payload["teachers"], labels)
+    note = f"{settings['sample_tokens']} sample tokens, seeds {','.join(map(str, settings['seeds']))}"
+    plot(out / f"{NAME}.png", payload["teachers"], labels, note)
     sections = []
     for entry in payload["teachers"]:
         accuracy = entry["teacher"]["scored"].get("accuracy", float("nan"))

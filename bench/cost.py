@@ -146,7 +146,7 @@ def bert_base_random(shape, vocab_size: int, seed: int) -> torch.nn.Module:
 
 def measure_one(args: argparse.Namespace) -> dict:
     """Load the model and the sample, then time one prune; RSS figures are of this process, with the
-    heap setting of the CLI and the pipeline (kprune.memory.configure_cpu_memory)."""
+    memory settings of the CLI and the pipeline (kprune.memory.configure_cpu_memory)."""
     configure_cpu_memory()
     rss_start = current_rss_mb()
     sample, labels = draw_sample(args.prepared, args.num_tokens, args.seed)
