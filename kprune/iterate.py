@@ -276,12 +276,14 @@ def tune(
     batches: Batches,
     targets: Iterable[torch.Tensor],
     config: KPruneConfig,
+    kept_features: OffloadedStates | None = None,
 ) -> tuple[torch.Tensor | None, TuneReport]:
     """Least-squares output projection of sublayer t's kept units (None when tuning is off).
 
     Only the kept units' features are computed: the input maps are sliced to them first. With
     config.check_fraction, the statistics of the seeded check sequences are kept apart (the same features,
-    no extra pass) to choose the tuning strength (kprune.tune.solve_towards_current)."""
+    no extra pass) to choose the tuning strength (kprune.tune.solve_towards_current). kept_features, when
+    given, receives each batch's features, which ``advance`` then reuses instead of computing them again."""
     sub = Sublayer(student, t)
     device = sub.output.weight.device
     keep = keep.to(device)
@@ -300,6 +302,8 @@ def tune(
     for hidden, batch, target in zip(student_hidden, batches, targets, strict=True):
         rows = tuning_rows(batch["attention_mask"], first_token_only)
         features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
+        if kept_features is not None:
+            kept_features.append(features)
         residual = target - hidden - bias
         checked = in_check[start : start + len(rows)]
         start += len(rows)
@@ -318,11 +322,23 @@ def tune(
 
 
 @torch.no_grad()
-def advance(student: nn.Module, t: int, student_hidden: HiddenStates, batches: Batches) -> None:
-    """Replace each batch of the student's input to sublayer t by its output, the input to t+1."""
+def advance(
+    student: nn.Module,
+    t: int,
+    student_hidden: HiddenStates,
+    batches: Batches,
+    kept_features: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Replace each batch of the student's input to sublayer t by its output, the input to t+1.
+
+    kept_features: the pruned sublayer's features of every batch, as ``tune`` computed them (the same
+    values: its sliced input maps are the pruned sublayer's); without them they are computed."""
     sub = Sublayer(student, t)
+    reuse = kept_features is not None and len(kept_features) == len(batches)
     for index, batch in enumerate(batches):
-        student_hidden[index] = sub.forward(student_hidden[index], batch["attention_mask"])
+        hidden = student_hidden[index]
+        features = kept_features[index] if reuse else sub.features(hidden, batch["attention_mask"])
+        student_hidden[index] = sub.layer_norm(sub.residual_sum(hidden, features))
 
 
 def prune_sublayer(
@@ -444,15 +460,20 @@ def iterate(
         knowledge = store.knowledge(t, obtain)
         keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
         targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
+        # Offloaded (on the CPU), the tuning's features wait in a file for the advance, which then skips
+        # recomputing them; in an accelerator's memory they would be one more whole-sample copy.
+        kept_features = OffloadedStates() if offload else None
         weight, report = store.tuned(
-            t, functools.partial(tune, student, t, keep, hidden, batches, targets, config)
+            t, functools.partial(tune, student, t, keep, hidden, batches, targets, config, kept_features)
         )
         seconds = time.perf_counter() - step_started
         record = prune_sublayer(
             student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds, measured
         )
         store.finish(t, record, keep, weight)
-        advance(student, t, hidden, batches)
+        advance(student, t, hidden, batches, kept_features)
+        if kept_features is not None:
+            kept_features.close()
         steps.append(record)
         flops_left = record.flops_left
         logger.info(

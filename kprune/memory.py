@@ -26,14 +26,18 @@ class OffloadedStates:
 
     Each slot keeps the shape, dtype and device of the tensor first written to it."""
 
-    def __init__(self, batches: Iterable[torch.Tensor], folder: str | Path | None = None):
+    def __init__(self, batches: Iterable[torch.Tensor] = (), folder: str | Path | None = None):
         self.file = tempfile.TemporaryFile(dir=folder, prefix="kprune-states-")  # deleted when closed
         self.slots: list[tuple[int, torch.Size, torch.dtype, torch.device]] = []
-        end = 0
+        self.end = 0
         for batch in batches:
-            self.slots.append((end, batch.shape, batch.dtype, batch.device))
-            end += batch.numel() * batch.element_size()
-            self[len(self.slots) - 1] = batch
+            self.append(batch)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        """Write a new slot at the end of the file."""
+        self.slots.append((self.end, tensor.shape, tensor.dtype, tensor.device))
+        self.end += tensor.numel() * tensor.element_size()
+        self[len(self.slots) - 1] = tensor
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -41,6 +45,8 @@ class OffloadedStates:
     def __getitem__(self, index: int) -> torch.Tensor:
         offset, shape, dtype, device = self.slots[index]
         tensor = torch.empty(shape, dtype=dtype)
+        if not tensor.numel():  # nothing to read (a sublayer with no unit left has empty features)
+            return tensor.to(device)
         view = memoryview(tensor.numpy()).cast("B")
         if os.preadv(self.file.fileno(), [view], offset) != len(view):
             raise OSError(f"short read of batch {index} from the offloaded hidden states")
@@ -52,6 +58,8 @@ class OffloadedStates:
             raise ValueError(
                 f"batch {index} is {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
             )
+        if not tensor.numel():
+            return
         data = np.ascontiguousarray(tensor.detach().cpu().numpy())
         view = memoryview(data).cast("B")
         if os.pwritev(self.file.fileno(), [view], offset) != len(view):

@@ -33,6 +33,16 @@ def test_offloaded_states_read_back_what_was_written_and_take_updates():
     states.close()
 
 
+def test_offloaded_states_grow_by_appending_and_keep_empty_tensors():
+    states = OffloadedStates()
+    batches = [torch.randn(2, 3, 4), torch.empty(2, 3, 0), torch.randn(1, 2, 4)]
+    for batch in batches:
+        states.append(batch)
+    assert [tuple(batch.shape) for batch in states] == [(2, 3, 4), (2, 3, 0), (1, 2, 4)]
+    assert torch.equal(states[0], batches[0]) and torch.equal(states[2], batches[2])
+    states.close()
+
+
 def test_state_buffer_holds_every_batch_in_one_allocation_and_copies_updates_in():
     batches = [torch.randn(2, 3, 4), torch.randn(5, 1, 4)]
     states = hidden_state_buffer(iter(batches), [(2, 3), (5, 1)], offload=False)

@@ -176,6 +176,39 @@ def test_offloaded_hidden_states_give_the_same_model(family):
         assert torch.equal(offloaded.model.state_dict()[name], value), name
 
 
+def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
+    """Offloaded, the advance reuses the features the tuning computed (no Sublayer.features call inside
+    it); in RAM it computes them, one call per batch and step. The same model either way."""
+    teacher = tiny_model("bert")
+    sample = model_inputs(teacher, tiny_sample())
+    batches = make_batches(sample, 8)
+    advance, features = kprune.iterate.advance, Sublayer.features
+    calls, inside = [], []
+
+    def counted_advance(*args, **kwargs):
+        inside.append(True)
+        try:
+            return advance(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def counted_features(self, *args, **kwargs):
+        if inside:
+            calls.append(self.index)
+        return features(self, *args, **kwargs)
+
+    monkeypatch.setattr(kprune.iterate, "advance", counted_advance)
+    monkeypatch.setattr(Sublayer, "features", counted_features)
+    results = {}
+    for offload in (False, True):
+        calls.clear()
+        results[offload] = run(teacher, sample, 0.4, offload=offload, batch_size=8)
+        recomputed = [] if offload else [t for t in range(len(sublayers(teacher))) for _ in batches]
+        assert calls == recomputed
+    for name, value in results[False].model.state_dict().items():
+        assert torch.equal(results[True].model.state_dict()[name], value), name
+
+
 def test_the_student_shares_no_memory_with_the_teacher():
     teacher = tiny_model("electra")
     result = run(teacher, tiny_sample(), 0.5)
