@@ -155,7 +155,9 @@ class KPruneConfig:
                 f"predictive_knowledge must be one of {PREDICTIVE_MODES}, got {self.predictive_knowledge!r}"
             )
         if self.knowledge_tokens != ALL_TOKENS and not (
-            isinstance(self.knowledge_tokens, int) and self.knowledge_tokens >= 1
+            isinstance(self.knowledge_tokens, int)
+            and not isinstance(self.knowledge_tokens, bool)  # True is an int: a slip, not 1 token
+            and self.knowledge_tokens >= 1
         ):
             raise ValueError(
                 f"knowledge_tokens must be an integer >= 1 or {ALL_TOKENS!r}, got {self.knowledge_tokens!r}"

@@ -463,7 +463,7 @@ def test_each_preset_sets_its_measurement_bit_for_bit(tmp_path, preset, rescore,
 
 def test_knowledge_tokens_is_a_positive_integer_or_all():
     assert KPruneConfig(0.5, knowledge_tokens="all").knowledge_tokens == "all"
-    for wrong in (0, -5, "half", 2.5):
+    for wrong in (0, -5, "half", 2.5, True):
         with pytest.raises(ValueError, match="knowledge_tokens must be an integer >= 1 or 'all'"):
             KPruneConfig(0.5, knowledge_tokens=wrong)
 
