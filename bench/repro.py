@@ -1,0 +1,153 @@
+"""Overhead of a bare `dvc repro`: each stage's seconds outside its own work, and the error lines.
+
+Measured on the tiny test pipeline: what a stage spends outside its own work is the interpreter and its
+imports, the Prefect server and DVC's bookkeeping between stages. Target: at most 5 s per stage, and no
+error line on a successful run.
+
+    python -m bench.repro                      # one bare `dvc repro` of a fresh tiny project
+    python -m bench.repro --runs 3             # three fresh projects, one after the other
+
+A stage's wall time runs from DVC's "Running stage" line to the next stage's (the last: to dvc's exit);
+its own work is the MLflow run it opens once its imports are done and its Prefect server is ready, from
+the run's start to its end. Overhead = wall - work. The project is the tests' tiny pipeline
+(tests/pipeline_project.py: this checkout's stages, a 2-layer BERT of hidden size 32, 2,000 sample
+tokens), run with no PREFECT_API_URL, as a new user runs it. Writes <out>/repro.json and repro.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, ROOT, machine, markdown_table, write_json, write_markdown
+
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny test pipeline is defined with the tests
+from pipeline_project import commit, environment, make_project, set_param, tiny_base_model  # noqa: E402
+
+NAME = "repro"
+OVERHEAD_SECONDS = 5.0  # issue 9: per stage, outside the stage's own work
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+ERROR_LINE = re.compile(r"Error logging to API|All connection attempts failed|Traceback|ERROR")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=1, help="fresh projects, one after another (%(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (%(default)s)")
+    return parser.parse_args(argv)
+
+
+def tiny_project(folder: Path) -> Path:
+    """The tests' reference project (tests/conftest.py), committed and never run."""
+    project = make_project(folder / "project")
+    base = tiny_base_model(folder / "base", layers=2)
+    set_param(project, "teacher", "base", str(base))
+    set_param(project, "teacher", "epochs", 0.05)
+    set_param(project, "data", "sample_tokens", 2000)
+    set_param(project, "evaluate", "latency_repeats", 2)
+    commit(project)
+    return project
+
+
+def timed_repro(project: Path) -> tuple[list[tuple[str, float, float]], list[str], int]:
+    """Run a bare `dvc repro`: ([(stage, started, ended)] in wall-clock seconds, error lines, exit code)."""
+    env = environment({"PREFECT_API_URL": None, "KPRUNE_MLFLOW_PARENT_RUN_ID": None})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stages, errors = [], []
+    for line in process.stdout:
+        now = time.time()
+        if match := STAGE_LINE.match(line):
+            if stages:
+                stages[-1][2] = now
+            stages.append([match.group(1), now, None])
+        elif ERROR_LINE.search(line):
+            errors.append(line.rstrip())
+    code = process.wait()
+    if stages:
+        stages[-1][2] = time.time()
+    return [tuple(stage) for stage in stages], errors, code
+
+
+def work_seconds(project: Path) -> dict[str, float]:
+    """Each stage's own work: its MLflow run's end minus start (the stage tag names it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("kprune")
+    return {
+        run.data.tags["kprune.stage"]: (run.info.end_time - run.info.start_time) / 1000
+        for run in client.search_runs([experiment.experiment_id])
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows, failures = [], []
+    for number in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="kprune-repro-") as folder:
+            project = tiny_project(Path(folder))
+            stages, errors, code = timed_repro(project)
+            if code != 0:
+                failures.append(f"run {number}: dvc repro exited {code}")
+            work = work_seconds(project)
+        for stage, started, ended in stages:
+            wall = ended - started
+            rows.append(
+                {
+                    "run": number,
+                    "stage": stage,
+                    "wall_seconds": wall,
+                    "work_seconds": work.get(stage),
+                    "overhead_seconds": wall - work[stage] if stage in work else None,
+                }
+            )
+        rows.append({"run": number, "errors": errors})
+        print(f"run {number}: {len(stages)} stages, {len(errors)} error lines, exit {code}", flush=True)
+    stage_rows = [row for row in rows if "stage" in row]
+    error_lines = [line for row in rows if "errors" in row for line in row["errors"]]
+    worst = max((row["overhead_seconds"] or 0.0) for row in stage_rows) if stage_rows else None
+    targets = {
+        "overhead_per_stage_at_most_5_s": worst is not None and worst <= OVERHEAD_SECONDS and not failures,
+        "worst_overhead_seconds": worst,
+        "no_error_lines": not error_lines,
+    }
+    info = machine()
+    result = {"benchmark": NAME, "machine": info, "rows": rows, "failures": failures, "targets": targets}
+    write_json(args.out / f"{NAME}.json", result)
+    table = markdown_table(
+        ["run", "stage", "wall s", "own work s", "overhead s"],
+        [
+            [row["run"], row["stage"], f"{row['wall_seconds']:.1f}"]
+            + (
+                [f"{row['work_seconds']:.1f}", f"{row['overhead_seconds']:.1f}"]
+                if row["work_seconds"] is not None
+                else ["-", "-"]
+            )
+            for row in stage_rows
+        ],
+    )
+    notes = [
+        f"Overhead per stage at most {OVERHEAD_SECONDS:g} s: "
+        f"{'met' if targets['overhead_per_stage_at_most_5_s'] else 'missed'} (worst {worst:.1f} s)",
+        f"Error lines printed: {len(error_lines)}" + "".join(f"\n  - `{line}`" for line in error_lines),
+        *failures,
+    ]
+    write_markdown(args.out / f"{NAME}.md", "Overhead of a bare `dvc repro`", info, table, notes)
+    print(table)
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
