@@ -65,6 +65,7 @@ bench: setup
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.cost
 	$(PY) -m bench.speed
+	$(PY) -m bench.repro
 
 clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
