@@ -67,12 +67,13 @@ def stages_run(result) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
 
 
-def wait_until(condition, seconds: float) -> bool:
+def wait_until(condition, seconds: float, every: float = 0.2) -> bool:
+    """Poll ``condition`` every ``every`` seconds until it holds (True) or ``seconds`` have passed (False)."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.2)
+        time.sleep(every)
     return True
 
 

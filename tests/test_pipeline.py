@@ -101,7 +101,8 @@ def test_queued_budget_sweep_runs_and_exp_show_lists_both(workspace):
         status = dvc(project, "queue", "status").stdout
         return not any(word in status for word in ("Queued", "Running"))
 
-    assert wait_until(finished, 900), dvc(project, "queue", "status").stdout
+    # each poll is a dvc process: poll rarely, not to take the 2 cores from the experiments
+    assert wait_until(finished, 900, every=5), dvc(project, "queue", "status").stdout
     status = dvc(project, "queue", "status").stdout
     assert status.count("Success") == 2, status
     shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json").stdout))
