@@ -2,9 +2,9 @@
 
 The session's reference project (conftest.py: a git repo in a temporary folder with this checkout's
 dvc.yaml, params.yaml and pipeline/, after one `python -m pipeline run`) is read by the tests that only
-look; each scenario that changes a project (a no-op rerun, a bare `dvc repro`, `dvc exp run -S`, a
-queued sweep; the kills and their resumes are in test_pipeline_faults.py) runs on its own copy, so the
-tests pass alone and in any order. The teacher is a tiny random BERT with MiniLM's tokenizer, fine-tuned
+look; each scenario that changes a project (a no-op rerun, `dvc exp run -S` run bare, a queued sweep;
+the kills and their resumes are in test_pipeline_faults.py) runs on its own copy, so the tests pass alone
+and in any order. The teacher is a tiny random BERT with MiniLM's tokenizer, fine-tuned
 for a few steps by the teacher stage on the embedded Rotten Tomatoes data.
 """
 
@@ -65,29 +65,25 @@ def test_the_exported_model_is_bit_identical_to_kprune_prune(reference):
         assert torch.equal(value, expected[name]), name
 
 
-def test_bare_dvc_repro_shares_one_server_prints_no_error_and_leaves_none(workspace):
-    """`dvc repro` alone (no PREFECT_API_URL): the flow stages share one local server, which ends with dvc."""
+def test_an_experiment_on_the_budget_reruns_only_prune_and_after_on_one_shared_server(workspace):
+    """`dvc exp run -S` changes the budget in params.yaml and reproduces what depends on it, no more; run
+    bare (no PREFECT_API_URL), as a new user runs dvc, its flow stages share one local server, which ends
+    with dvc, and nothing prints an error."""
     project = workspace
-    result = dvc(project, "repro", "--force", "--downstream", "prune", env={"PREFECT_API_URL": None})
-    assert stages_run(result) == ["prune", "evaluate", "export"]
-    output = result.stdout + result.stderr
-    assert "Error logging to API" not in output and "Traceback" not in output
-    # the two flows (prune, evaluate) were recorded by one server, started once and reused
-    assert len(set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", output))) == 1
-    assert output.count("local server, started") == 1 and output.count("local server, reused") == 1
-    assert wait_until(lambda: not servers_of(project), seconds=10)
-
-
-def test_an_experiment_on_the_budget_reruns_only_prune_and_after(workspace):
-    """`dvc exp run -S` changes the budget in params.yaml and reproduces what depends on it, no more."""
-    project = workspace
-    result = dvc(project, "exp", "run", "-S", "prune.flops_keep=0.3")
+    result = dvc(project, "exp", "run", "-S", "prune.flops_keep=0.3", env={"PREFECT_API_URL": None})
     assert stages_run(result) == ["prune", "evaluate", "export"]
     metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
     assert metrics["flops_keep"] == 0.3 and metrics["flops_kept"] <= 0.3
     assert yaml.safe_load((project / "params.yaml").read_text())["prune"]["flops_keep"] == 0.3
     shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json").stdout))
     assert '"flops_keep": 0.3' in shown
+
+    output = result.stdout + result.stderr
+    assert "Error logging to API" not in output and "Traceback" not in output
+    # the two flows (prune, evaluate) were recorded by one server, started once and reused
+    assert len(set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", output))) == 1
+    assert output.count("local server, started") == 1 and output.count("local server, reused") == 1
+    assert wait_until(lambda: not servers_of(project), seconds=10)
 
 
 def test_queued_budget_sweep_runs_and_exp_show_lists_both(workspace):
