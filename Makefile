@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most of the suite is pipeline stages starting up (one busy core each);
+# tests/conftest.py gives each worker one torch thread. A module's tests stay in one worker (--dist
+# loadfile): test_batch.py's scenarios build on each other. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 # The main job: the DVC pipeline on the embedded default, inside one MLflow run.
 RUN_CMD ?= $(PY) -m pipeline run
 SOURCES := kprune pipeline tests
@@ -49,7 +53,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	touch $@
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check $(SOURCES)

@@ -1,15 +1,26 @@
 """Fixtures shared by the pipeline test modules: one Prefect server and one uninterrupted reference run of
-the tiny pipeline project for the whole session; each test that changes a project works on its own copy."""
+the tiny pipeline project for the whole session (for each pytest-xdist worker that needs them); each test
+that changes a project works on its own copy."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_project import SUBLAYERS, Reference, commit, make_project, run, set_param, tiny_base_model
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers): one torch thread per worker and per process it
+    starts, so that two workers on two cores do not slow each other down with spinning OpenMP threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -14,32 +14,30 @@ from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 import kprune
 from kprune.search import BUDGET_RELATIVE_TOLERANCE
-from pipeline.prefect_api import prefect_api
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "teacher", "calibrate", "prune", "evaluate", "export"]
 
 
-def run_pipeline(project, tmp_path):
+def run_pipeline(project):
+    """`python -m pipeline run` on the session's Prefect server (the prefect_server fixture)."""
     set_param(project, "evaluate", "latency_repeats", 2)
     commit(project)
-    (tmp_path / "prefect").mkdir()
-    with prefect_api(tmp_path / "prefect"):
-        result = run(project, sys.executable, "-m", "pipeline", "run")
+    result = run(project, sys.executable, "-m", "pipeline", "run")
     assert stages_run(result) == STAGES
     metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
     info = json.loads((project / "data/prepared/info.json").read_text())
     return result, metrics, info
 
 
-def test_glue_pair_task_with_a_fine_tuned_teacher(tmp_path):
+def test_glue_pair_task_with_a_fine_tuned_teacher(tmp_path, prefect_server):
     project = make_project(tmp_path / "project")
     set_param(project, "data", "task", "glue/mrpc")
     set_param(project, "data", "hub_dataset", str(glue_repo(tmp_path / "glue")))
     set_param(project, "data", "sample_tokens", 500)
     set_param(project, "teacher", "base", str(tiny_base_model(tmp_path / "base")))
     set_param(project, "teacher", "epochs", 0.5)
-    result, metrics, info = run_pipeline(project, tmp_path)
+    result, metrics, info = run_pipeline(project)
 
     assert (info["task"], info["dev"]["validation"]["rows"]) == ("glue/mrpc", 20)
     for model in ("teacher", "pruned"):
@@ -49,7 +47,7 @@ def test_glue_pair_task_with_a_fine_tuned_teacher(tmp_path):
     assert isinstance(kprune.load_pruned(project / "data/export"), BertForSequenceClassification)
 
 
-def test_squad_v2_with_a_given_qa_teacher(tmp_path):
+def test_squad_v2_with_a_given_qa_teacher(tmp_path, prefect_server):
     teacher = tmp_path / "qa"
     tiny_model("bert", task="qa").save_pretrained(teacher)
     tiny_tokenizer(teacher).save_pretrained(teacher)
@@ -62,7 +60,7 @@ def test_squad_v2_with_a_given_qa_teacher(tmp_path):
     set_param(project, "data", "stride", 8)
     set_param(project, "data", "max_question_tokens", 8)
     set_param(project, "teacher", "model", str(teacher))
-    result, metrics, info = run_pipeline(project, tmp_path)
+    result, metrics, info = run_pipeline(project)
 
     assert (info["kind"], info["max_length"], info["stride"], info["max_question_tokens"]) == (
         "question-answering",
