@@ -17,10 +17,13 @@ from pipeline_project import SUBLAYERS, Reference, commit, make_project, run, se
 
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs two workers): one torch thread per worker and per process it
-    starts, so that two workers on two cores do not slow each other down with spinning OpenMP threads."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    starts, so that two workers on two cores do not slow each other down with spinning OpenMP threads,
+    and a Prefect home (its SQLite database) per worker, so that their servers never share one."""
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+        if home := os.environ.get("PREFECT_HOME"):
+            os.environ["PREFECT_HOME"] = os.path.join(home, worker)
 
 
 @pytest.fixture(scope="session")
