@@ -13,11 +13,16 @@ from torch import Tensor
 BUDGET_RELATIVE_TOLERANCE = 1e-9
 
 
+def budget_limit(budget: float) -> float:
+    """The most a search may keep for ``budget``: the budget plus its round-off slack."""
+    return budget * (1 + BUDGET_RELATIVE_TOLERANCE)
+
+
 def search_mask(scores: Tensor, unit_flops: Tensor, budget: float) -> Tensor:
     """Keep-mask (bool, original order) of the longest score-ranked prefix whose FLOPs fit the budget.
 
     Units are ranked by score, descending, ties broken by lower index first. The kept set is the longest
-    prefix of that ranking whose total FLOPs is <= budget * (1 + BUDGET_RELATIVE_TOLERANCE); ranking stops
+    prefix of that ranking whose total FLOPs is <= budget_limit(budget); ranking stops
     at the first unit that does not fit (a threshold on the score, as in the paper, not a knapsack fill).
     """
     if scores.dim() != 1 or unit_flops.dim() != 1:
@@ -37,7 +42,7 @@ def search_mask(scores: Tensor, unit_flops: Tensor, budget: float) -> Tensor:
 
     ranking = torch.argsort(scores, descending=True, stable=True)
     cumulative_flops = torch.cumsum(unit_flops[ranking].to(torch.float64), dim=0)
-    limit = budget * (1 + BUDGET_RELATIVE_TOLERANCE)
+    limit = budget_limit(budget)
     keep = torch.empty_like(scores, dtype=torch.bool)
     # All costs are > 0, so the cumulative sum never decreases and the ranks within the limit form a prefix.
     keep[ranking] = cumulative_flops <= limit

@@ -12,7 +12,7 @@ import kprune
 from kprune.card import parameter_counts
 from kprune.cli import main
 from kprune.io import read_meta
-from kprune.search import BUDGET_RELATIVE_TOLERANCE
+from kprune.search import budget_limit
 from kprune.sublayer import unit_counts
 
 
@@ -63,9 +63,7 @@ def test_prune_records_its_command_and_eval_adds_metrics(tmp_path):
     ((name, measured),) = metrics.items()
     assert str(data) in name and 0 <= measured["accuracy"] <= 1
     assert f"accuracy {measured['accuracy']:.4f}" in (out / "README.md").read_text()
-    assert json.loads((out / "kprune.json").read_text())["record"]["flops_kept"] <= 0.5 * (
-        1 + BUDGET_RELATIVE_TOLERANCE
-    )
+    assert json.loads((out / "kprune.json").read_text())["record"]["flops_kept"] <= budget_limit(0.5)
 
 
 def test_add_to_card_needs_a_kprune_folder(tmp_path, capsys):

@@ -16,7 +16,7 @@ from kprune.data import draw_sample, load_table, load_task_split
 from kprune.evaluate import evaluate_model, evaluation_set
 from kprune.io import read_meta
 from kprune.models import model_logits
-from kprune.search import BUDGET_RELATIVE_TOLERANCE
+from kprune.search import budget_limit
 from kprune.tasks import get_task
 
 LABELS = ("pos", "neg")  # not in sorted order
@@ -61,7 +61,7 @@ def test_prune_writes_what_the_library_returns(model_dir, data_csv, tmp_path, ca
     stdout = capsys.readouterr().out
     assert f"saved to {out.resolve()}" in stdout and "(budget 50.0%" in stdout
     record = read_meta(out)["record"]
-    assert record["flops_kept"] <= 0.5 * (1 + BUDGET_RELATIVE_TOLERANCE)
+    assert record["flops_kept"] <= budget_limit(0.5)
 
     # The same run by hand through the library.
     tokenizer = tiny_tokenizer(tmp_path)
@@ -111,11 +111,7 @@ def test_eval_prints_accuracy_as_json(model_dir, data_csv, tmp_path, capsys):
     assert metrics["accuracy"] == pytest.approx(33 / 40)
     assert 0.0 <= metrics["macro_f1"] <= 1.0
     assert metrics["num_examples"] == 40 and metrics["skipped_rows"] == 0
-    assert (
-        metrics["flops_kept"]
-        == read_meta(out)["record"]["flops_kept"]
-        <= 0.6 * (1 + BUDGET_RELATIVE_TOLERANCE)
-    )
+    assert metrics["flops_kept"] == read_meta(out)["record"]["flops_kept"] <= budget_limit(0.6)
 
 
 @pytest.mark.parametrize(("knowledge_tokens", "rescore"), [(60, "layer"), ("all", "sublayer")])
@@ -286,9 +282,7 @@ def test_prune_and_eval_a_qa_model_end_to_end(tmp_path, capsys):
     argv = ["prune", "--model", str(model_dir), "--data", str(train), "--out", str(out), *columns]
     assert main([*argv, "--flops-keep", "0.5", "--num-tokens", "400", *QA]) == 0
     record = read_meta(out)["record"]
-    assert record["task"] == "question-answering" and record["flops_kept"] <= 0.5 * (
-        1 + BUDGET_RELATIVE_TOLERANCE
-    )
+    assert record["task"] == "question-answering" and record["flops_kept"] <= budget_limit(0.5)
     assert record["num_tokens"] >= 400 and record["num_sequences"] > 0
     capsys.readouterr()
 

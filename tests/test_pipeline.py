@@ -20,7 +20,7 @@ from pipeline_project import SUBLAYERS, dvc, servers_of, stages_run, wait_until
 
 import kprune
 from kprune.models import load_model
-from kprune.search import BUDGET_RELATIVE_TOLERANCE
+from kprune.search import budget_limit
 from kprune.sublayer import unit_counts
 from pipeline import store
 
@@ -35,7 +35,7 @@ def test_repro_runs_every_stage_then_nothing(reference, workspace):
     assert sum("INFO kprune.iterate: iteration" in line for line in first.stderr.splitlines()) == SUBLAYERS
 
     metrics = json.loads((reference.project / "data/evaluate/metrics.json").read_text())
-    assert metrics["flops_keep"] == 0.5 and metrics["flops_kept"] <= 0.5 * (1 + BUDGET_RELATIVE_TOLERANCE)
+    assert metrics["flops_keep"] == 0.5 and metrics["flops_kept"] <= budget_limit(0.5)
     assert 0 <= metrics["teacher_accuracy"] <= 1 and 0 <= metrics["pruned_accuracy"] <= 1
     model = kprune.load_pruned(reference.project / "data/export")
     heads, neurons = unit_counts(model)
@@ -74,7 +74,7 @@ def test_an_experiment_on_the_budget_reruns_only_prune_and_after_on_one_shared_s
     result = dvc(project, "exp", "run", "-S", "prune.flops_keep=0.3", env={"PREFECT_API_URL": None})
     assert stages_run(result) == ["prune", "evaluate", "export"]
     metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
-    assert metrics["flops_keep"] == 0.3 and metrics["flops_kept"] <= 0.3 * (1 + BUDGET_RELATIVE_TOLERANCE)
+    assert metrics["flops_keep"] == 0.3 and metrics["flops_kept"] <= budget_limit(0.3)
     assert yaml.safe_load((project / "params.yaml").read_text())["prune"]["flops_keep"] == 0.3
     shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json").stdout))
     assert '"flops_keep": 0.3' in shown

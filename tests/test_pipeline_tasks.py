@@ -13,7 +13,7 @@ from tiny import tiny_model, tiny_tokenizer
 from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 import kprune
-from kprune.search import BUDGET_RELATIVE_TOLERANCE
+from kprune.search import budget_limit
 
 pytestmark = pytest.mark.slow
 STAGES = ["prepare", "teacher", "calibrate", "prune", "evaluate", "export"]
@@ -42,7 +42,7 @@ def test_glue_pair_task_with_a_fine_tuned_teacher(tmp_path, prefect_server):
     assert (info["task"], info["dev"]["validation"]["rows"]) == ("glue/mrpc", 20)
     for model in ("teacher", "pruned"):
         assert 0 <= metrics[f"{model}_accuracy"] <= 1 and 0 <= metrics[f"{model}_f1"] <= 1
-    assert metrics["flops_kept"] <= 0.5 * (1 + BUDGET_RELATIVE_TOLERANCE)
+    assert metrics["flops_kept"] <= budget_limit(0.5)
     assert "dev f1: teacher" in result.stdout
     assert isinstance(kprune.load_pruned(project / "data/export"), BertForSequenceClassification)
 
@@ -72,6 +72,6 @@ def test_squad_v2_with_a_given_qa_teacher(tmp_path, prefect_server):
     for model in ("teacher", "pruned"):
         assert 0 <= metrics[f"{model}_exact_match"] <= metrics[f"{model}_f1"] <= 1
         assert metrics[f"{model}_num_examples"] == 16
-    assert metrics["flops_kept"] <= 0.5 * (1 + BUDGET_RELATIVE_TOLERANCE)
+    assert metrics["flops_kept"] <= budget_limit(0.5)
     assert "dev exact_match: teacher" in result.stdout
     assert isinstance(kprune.load_pruned(project / "data/export"), BertForQuestionAnswering)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from kprune.search import BUDGET_RELATIVE_TOLERANCE
+from kprune.search import budget_limit
 
 
 def search_heads_and_neurons(
@@ -35,7 +35,7 @@ def search_heads_and_neurons(
     head_total = torch.cat([zero, head_sorted.cumsum(0)])  # importance of the best h heads, h = 0..H
     neuron_total = torch.cat([zero, neuron_sorted.cumsum(0)])
 
-    limit = budget * (1 + BUDGET_RELATIVE_TOLERANCE)
+    limit = budget_limit(budget)
     head_counts = torch.arange(head_importance.numel() + 1, dtype=torch.float64)
     left = limit - head_counts * head_cost
     neuron_counts = torch.floor(left / neuron_cost).clamp(0, neuron_importance.numel())
