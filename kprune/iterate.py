@@ -17,9 +17,9 @@ pipeline's persists every step so an interrupted run resumes after its last fini
 
 Memory: the student's and the teacher's hidden states are each one whole-sample copy, advanced in place;
 targets, features and float64 statistics exist one batch at a time. Offloaded (the CPU default), the
-tuning's features of sublayer t wait in a temporary file until the advance reuses them. The student shares the teacher's
-parameters until a sublayer is pruned (pruning builds new, smaller weights), so the teacher is never
-copied whole.
+tuning's features of sublayer t wait in a temporary file until the advance reuses them. The student
+shares the teacher's parameters until a sublayer is pruned (pruning builds new, smaller weights), so the
+teacher is never copied whole.
 """
 
 from __future__ import annotations
