@@ -40,7 +40,7 @@ def lstsq_minimum_error(features: torch.Tensor, target: torch.Tensor) -> float:
     return direct_error(features, torch.from_numpy(solution.T.copy()), target)
 
 
-def test_batched_accumulation_with_mixed_dtypes_equals_one_shot():
+def test_batched_accumulation_sums_each_batch_in_float32_and_the_batches_in_float64():
     features, target = random_problem(0, n=100)
     batches = [
         (0, 30, torch.float32),
@@ -49,17 +49,28 @@ def test_batched_accumulation_with_mixed_dtypes_equals_one_shot():
         (56, 100, torch.double),
     ]
     stats = LeastSquaresStats(8, 5)
+    gram, cross = torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 5, dtype=torch.float64)
+    target_sq = 0.0
     cast_features, cast_target = [], []
     for start, stop, dtype in batches:
-        stats.add(features[start:stop].to(dtype), target[start:stop].to(dtype))
-        cast_features.append(features[start:stop].to(dtype).double())
-        cast_target.append(target[start:stop].to(dtype).double())
+        f, r = features[start:stop].to(dtype), target[start:stop].to(dtype)
+        stats.add(f, r)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        f, r = f.to(work), r.to(work)
+        gram += (f.T @ f).double()
+        cross += (f.T @ r).double()
+        target_sq += float(r.square().sum())
+        cast_features.append(f.double())
+        cast_target.append(r.double())
     f, r = torch.cat(cast_features), torch.cat(cast_target)
 
     assert stats.gram.dtype == stats.cross.dtype == torch.float64
-    torch.testing.assert_close(stats.gram, f.T @ f, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(stats.cross, f.T @ r, rtol=1e-12, atol=1e-10)
-    assert stats.target_sq == pytest.approx(float(r.square().sum()), rel=1e-12)
+    torch.testing.assert_close(stats.gram, gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.cross, cross, rtol=1e-12, atol=1e-12)
+    assert stats.target_sq == pytest.approx(target_sq, rel=1e-12)
+    # float32 round-off over one batch's rows only: close to the float64 sums of the same (cast) rows
+    torch.testing.assert_close(stats.gram, f.T @ f, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.cross, f.T @ r, rtol=1e-5, atol=1e-4)
     assert stats.num_rows == 100
 
 
