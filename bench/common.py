@@ -70,6 +70,18 @@ METHODS: dict[str, Method] = {
         "paper + mean knowledge scales (3)",
         _kprune(preset=PAPER, knowledge_scale="mean", lam_rep=PRESETS[DEFAULT]["lam_rep"]),
     ),
+    # Leave-one-out: the default without one of its pieces (at the default's cost, not the paper's).
+    "kprune-no-check": Method(
+        "default without checked tuning (-1)", _kprune(check_fraction=PRESETS[PAPER]["check_fraction"])
+    ),
+    "kprune-all-positions": Method(
+        "default without first-token last layer (-2)",
+        _kprune(head_positions=PRESETS[PAPER]["head_positions"]),
+    ),
+    "kprune-raw-scales": Method(
+        "default without mean knowledge scales (-3)",
+        _kprune(knowledge_scale=PRESETS[PAPER]["knowledge_scale"], lam_rep=PRESETS[PAPER]["lam_rep"]),
+    ),
     "kwon": Method(
         "Kwon et al. (Mask-Tuning)", lambda t, s, y, k: kwon_prune(t, s, k, labels=y, device=DEVICE)
     ),
