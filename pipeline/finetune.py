@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +31,15 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1
     freeze_embeddings: bool = True
     seed: int = 0
+
+
+def model_to_finetune(base: str, seed: int, **head) -> transformers.PreTrainedModel:
+    """The pretrained encoder ``base`` with a new sequence-classification head (``head``: num_labels,
+    id2label, problem_type, ...) whose initial weights come from ``seed``. from_pretrained draws a new
+    head from the process's random state: without the seed, every run fine-tuned another teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(base, **head)
 
 
 def finetune(

@@ -18,7 +18,7 @@ from kprune.data import check_model_for_task
 from kprune.evaluate import evaluate_model
 from kprune.models import load_model, resolve_device
 from pipeline import store, tracking
-from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.finetune import FinetuneConfig, finetune, model_to_finetune
 from pipeline.project import (
     PIPELINE_FOLDERS,
     Folders,
@@ -48,9 +48,7 @@ def fine_tuned_teacher(
             "id2label": dict(enumerate(names)),
             "label2id": {name: index for index, name in enumerate(names)},
         }
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_name(teacher["base"]), **head
-    )
+    model = model_to_finetune(resolve_model_name(teacher["base"]), teacher["seed"], **head)
     config = FinetuneConfig(
         epochs=teacher["epochs"],
         batch_size=teacher["batch_size"],
