@@ -20,7 +20,7 @@ out-of-domain agreement, the per-row outcomes; the summary and the issue's targe
 accuracy.md. The JSON is rewritten after every run, so --resume continues an interrupted sweep of hours:
 the runs it already holds (same teachers, data, sample size and scoring; a method name is trusted to mean
 the same method) are kept with their per-row outcomes instead of pruned again, and its runs outside this
-invocation's plan are kept under "other_runs".
+invocation's plan are kept under "other_runs". --report-only --merge pools invocations run side by side.
 """
 
 from __future__ import annotations
@@ -127,7 +127,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "before its end leaves the JSON only); with --seeds, summarise the runs of those seeds that the "
         "JSON holds (its runs and other_runs: seeds pruned by separate invocations are pooled)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="with --report-only: add the finished runs of another accuracy.json made with the same "
+        "settings (as --resume checks them), e.g. of parallel invocations with --threads 1 each; the "
+        "merged JSON is written to <out> (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    if args.merge and not args.report_only:
+        parser.error("--merge goes with --report-only")
+    return args
 
 
 # The settings a kept run must share with this invocation: they decide its result. The teachers' content
@@ -144,21 +157,21 @@ RESUME_SETTINGS = (
 )
 
 
-def finished_runs(path: Path, settings: dict) -> dict[tuple, dict]:
-    """--resume: the runs of an earlier invocation that finished, by (teacher, method, budget, seed)."""
+def finished_runs(path: Path, settings: dict, option: str = "--resume") -> dict[tuple, dict]:
+    """--resume, --merge: the runs of another invocation that finished, by (teacher, method, budget, seed)."""
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
     for key in RESUME_SETTINGS:
         if previous["settings"].get(key) != settings[key]:
             raise SystemExit(
-                f"bench.accuracy: error: --resume: {path} was made with {key} "
+                f"bench.accuracy: error: {option}: {path} was made with {key} "
                 f"{previous['settings'].get(key)!r}, this run has {settings[key]!r}; choose another --out"
             )
     runs = [*previous["runs"], *previous.get("other_runs", [])]
     finished = {run_key(run): run for run in runs if "error" not in run}
     commit = previous["machine"]["kprune_commit"]
-    print(f"resuming: {len(finished)} finished runs in {path} (made at commit {commit})", flush=True)
+    print(f"{option}: {len(finished)} finished runs in {path} (made at commit {commit})", flush=True)
     return finished
 
 
@@ -185,21 +198,28 @@ def summarise(rows: dict, methods: list[str], budgets: list[float]) -> list[dict
     """Per method and budget: accuracy (and out-of-domain agreement) with standard errors and the paired
     difference to the reference method, each row averaged over the seeds first."""
 
-    def averaged(method, budget, kind):
-        vectors = [vector for (m, b, _), (correct, agree) in rows.items() if (m, b) == (method, budget)
+    def averaged(method, budget, kind, seeds):
+        vectors = [vector for (m, b, seed), (correct, agree) in rows.items()
+                   if (m, b) == (method, budget) and seed in seeds
                    for vector in [correct if kind == "correct" else agree] if vector is not None]  # fmt: skip
         return torch.stack(vectors).double().mean(0) if vectors else None
+
+    def seeds_of(method, budget):
+        return sorted(seed for (m, b, seed) in rows if (m, b) == (method, budget))
 
     summary = []
     for method in methods:
         for budget in budgets:
             entry = {"method": method, "flops_keep": budget}
-            seeds = sorted(seed for (m, b, seed) in rows if (m, b) == (method, budget))
+            seeds = seeds_of(method, budget)
             if not seeds:
                 continue
             entry["seeds"] = seeds
+            # Paired on the same rows and the same seeds: no difference where the reference lacks a seed.
+            paired = set(seeds) <= set(seeds_of(REFERENCE, budget))
             for kind, name in (("correct", "accuracy"), ("agree", "ood_agreement")):
-                values, reference = averaged(method, budget, kind), averaged(REFERENCE, budget, kind)
+                values = averaged(method, budget, kind, seeds)
+                reference = averaged(REFERENCE, budget, kind, seeds) if paired else None
                 if values is None:
                     continue
                 entry[name], entry[f"{name}_se"] = mean_and_error(values)
@@ -384,8 +404,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not path.is_file():
             raise SystemExit(f"bench.accuracy: error: --report-only: no {path}")
         payload = json.loads(path.read_text())
-        if args.seeds is not None:
-            payload = pooled_seeds(payload, args.seeds)
+        for other in args.merge:
+            payload["other_runs"] = merged_runs(payload, other)
+        seeds = args.seeds
+        if seeds is None and args.merge:
+            seeds = sorted({run["seed"] for run in [*payload["runs"], *payload["other_runs"]]})
+        if seeds is not None:
+            payload = pooled_seeds(payload, seeds)
             write_json(path, payload)
         report(args.out, payload)
         return payload
@@ -473,6 +498,15 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out / f"{NAME}.json", payload)
     report(out, payload)
     return payload
+
+
+def merged_runs(payload: dict, other: Path) -> list[dict]:
+    """The payload's other_runs plus the finished runs of the results JSON ``other`` that it lacks (by
+    teacher, method, budget and seed); ``other`` must share the settings --resume checks."""
+    held = {run_key(run) for run in [*payload["runs"], *payload.get("other_runs", [])]}
+    finished = finished_runs(other, payload["settings"], "--merge")
+    added = [run for key, run in finished.items() if key not in held]
+    return [*payload.get("other_runs", []), *added]
 
 
 def pooled_seeds(payload: dict, seeds: list[int]) -> dict:

@@ -113,6 +113,39 @@ def test_accuracy_report_only_pools_seeds_pruned_by_separate_invocations(workspa
     assert "accuracy" in (tmp_path / "accuracy.md").read_text()
 
 
+def test_accuracy_merge_pools_parallel_invocations_and_pairs_only_on_shared_seeds(workspace, tmp_path):
+    def invocation(out: str, methods: str, seed: int, tokens: int = 150) -> list[str]:
+        args = [*common_args(workspace)[:-1], str(tmp_path / out), "--sample-tokens", str(tokens)]
+        return args + ["--methods", methods, "--budgets", "0.5", "--seeds", str(seed)]
+
+    accuracy.main(invocation("zero", "kprune,kwon", 0))
+    accuracy.main(invocation("one", "kprune,kwon", 1))
+    accuracy.main(invocation("two", "kprune", 2))
+    report = [*common_args(workspace)[:-1], str(tmp_path / "zero"), "--report-only"]
+    merges = [part for out in ("one", "two") for part in ("--merge", str(tmp_path / out / "accuracy.json"))]
+    merged = accuracy.main(report + merges)
+    summary = {entry["method"]: entry for entry in merged["teachers"][0]["summary"]}
+    assert summary["kprune"]["seeds"] == [0, 1, 2] and summary["kwon"]["seeds"] == [0, 1]
+    assert "accuracy_minus_kwon" not in summary["kprune"]  # Kwon et al. have no seed 2 to pair with
+
+    pooled = accuracy.main(report + ["--seeds", "0,1"])  # from the merged JSON alone
+    entry = next(e for e in pooled["teachers"][0]["summary"] if e["method"] == "kprune")
+    outcomes = {
+        (run["method"], run["seed"]): torch.tensor([flag == "1" for flag in run["correct_rows"]]).double()
+        for run in pooled["runs"]
+    }
+    kprune, kwon = outcomes["kprune", 0] + outcomes["kprune", 1], outcomes["kwon", 0] + outcomes["kwon", 1]
+    difference = (kprune - kwon) / 2
+    assert entry["seeds"] == [0, 1]
+    assert entry["accuracy_minus_kwon"] == pytest.approx(float(difference.mean()))
+
+    accuracy.main(invocation("other", "kwon", 0, tokens=120))
+    with pytest.raises(SystemExit, match="--merge: .* sample_tokens 120"):
+        accuracy.main(report + ["--merge", str(tmp_path / "other" / "accuracy.json")])
+    with pytest.raises(SystemExit):
+        accuracy.main(invocation("zero", "kwon", 0) + ["--merge", str(tmp_path / "one" / "accuracy.json")])
+
+
 def test_accuracy_speed_cost_write_their_results(workspace):
     args = common_args(workspace)
     methods = "kprune,kwon,magnitude"
