@@ -68,7 +68,7 @@ REFERENCE = "kwon"  # the method every other is compared with, row by row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
     parser.add_argument(
         "--extra-teacher",

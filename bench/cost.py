@@ -65,7 +65,7 @@ LINEAR_SLACK = 0.05  # "linear in tokens": a log-log slope of time vs tokens at 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
     parser.add_argument(
         "--methods", type=method_names, default=["kprune", "kwon"], help=f"of: {', '.join(METHODS)}"

@@ -37,7 +37,9 @@ BATCH = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.onnx_accuracy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.onnx_accuracy", description=__doc__.split("\n\n")[0]
+    )
     add_data_arguments(parser)
     parser.add_argument("--budgets", type=floats, default=[0.5], help="K-prune FLOPs kept (%(default)s)")
     parser.add_argument("--sample-tokens", type=int, default=100_000, help="K-prune sample (%(default)s)")

@@ -36,7 +36,7 @@ ERROR_LINE = re.compile(r"Error logging to API|All connection attempts failed|Tr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1, help="fresh projects, one after another (%(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (%(default)s)")
     return parser.parse_args(argv)

@@ -57,7 +57,7 @@ EFFICIENCY_TARGET = 0.8  # pruned models should reach 0.8 x the ideal speedup at
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
     parser.add_argument("--methods", type=method_names, default=["kprune"], help=f"of: {', '.join(METHODS)}")
     parser.add_argument("--budgets", type=floats, default=list(BUDGETS), help="FLOPs kept (%(default)s)")
