@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,10 +32,12 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def model_to_finetune(base: str, seed: int, **head) -> transformers.PreTrainedModel:
+def model_to_finetune(base: str, seed: int, **head) -> nn.Module:
     """The pretrained encoder ``base`` with a new sequence-classification head (``head``: num_labels,
     id2label, problem_type, ...) whose initial weights come from ``seed``. from_pretrained draws a new
     head from the process's random state: without the seed, every run fine-tuned another teacher."""
+    import transformers  # here: every params check imports this module (FinetuneConfig), not transformers
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transformers.AutoModelForSequenceClassification.from_pretrained(base, **head)
