@@ -22,8 +22,8 @@ def pytest_configure(config):
     if worker := os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-        if home := os.environ.get("PREFECT_HOME"):
-            os.environ["PREFECT_HOME"] = os.path.join(home, worker)
+        home = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")  # Prefect's own default
+        os.environ["PREFECT_HOME"] = os.path.join(home, worker)
 
 
 @pytest.fixture(scope="session")
