@@ -9,6 +9,7 @@ from kprune.tune import (
     TuneReport,
     check_sequences,
     ridge_towards,
+    ridged,
     solve_output_projection,
     solve_towards_current,
 )
@@ -145,6 +146,15 @@ def test_optimal_current_weight_is_kept_with_a_warning_when_the_ridge_would_wors
     assert torch.equal(weight, optimum)
     assert report.kept_current_weight and report.error_after == report.error_before
     assert "keeping the current weight" in caplog.text
+
+
+def test_ridged_adds_lam_to_the_diagonal_exactly_and_leaves_the_gram_alone():
+    features, _ = random_problem(12)
+    gram = features.T @ features
+    before = gram.clone()
+    system = ridged(gram, 0.37)
+    assert torch.equal(system, gram + 0.37 * torch.eye(len(gram), dtype=gram.dtype))
+    assert torch.equal(gram, before)
 
 
 def test_rank_deficient_features_fall_back_to_lstsq_with_the_minimum_error(caplog):

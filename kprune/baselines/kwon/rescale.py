@@ -15,6 +15,7 @@ from kprune.baselines.kwon.fisher import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
+from kprune.tune import ridged, solve_normal_equations
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +96,15 @@ def solve_scales(stats: ScaleStats, ridge: float = 1e-6, offset: bool = False) -
     gram = stats.gram
     mean_diagonal = float(gram.diagonal().mean())
     lam = ridge * mean_diagonal if mean_diagonal > 0 else 0.0
-    system = gram + lam * torch.eye(units, dtype=torch.float64, device=gram.device)
+    system = ridged(gram, lam)
     rhs = stats.cross + lam
     if offset:
         column = stats.offset_gram[:, None]
         corner = torch.tensor([[float(stats.entries)]], dtype=torch.float64, device=system.device)
         system = torch.cat([torch.cat([system, column], 1), torch.cat([column.T, corner], 1)], 0)
         rhs = torch.cat([rhs, rhs.new_tensor([stats.target_sum])])
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        solution, solver = torch.cholesky_solve(rhs[:, None], factor)[:, 0], "cholesky"
-    else:
-        logger.warning("rescaling: normal equations not positive definite (%d units); using lstsq", units)
-        solution = torch.linalg.lstsq(system.cpu(), rhs.cpu()[:, None], rcond=1e-12, driver="gelsd")
-        solution, solver = solution.solution[:, 0].to(system.device), "lstsq"
-    return solution[:units], solver
+    solution, solver = solve_normal_equations(system, rhs[:, None])
+    return solution[:units, 0], solver
 
 
 @dataclass
