@@ -2,7 +2,7 @@
 difference to Kwon et al., and the agreement with the teacher on text from another domain.
 
     python -m bench.accuracy                                  # one teacher, one seed, every method
-    python -m bench.accuracy --seeds 0,1 --extra-teacher data/tweets/teacher data/tweets/prepared   # issue 12
+    python -m bench.accuracy --seeds 0,1 --extra-teacher data/tweets/teacher data/tweets/prepared  # two
     python -m bench.accuracy --sample-tokens 5000 --budgets 0.5,0.3 --methods kprune,kwon   # a smoke run
     python -m bench.accuracy --heldout 0.2 --methods kprune --config lam_rep=1 --config mu=2   # a sweep
 

@@ -55,7 +55,7 @@ TEACHER_MODEL = "teacher"
 BERT_BASE = "bert-base-random"
 BERT_BASE_SHAPE = (12, 768, 12, 3072)  # layers, hidden, heads, FFN
 PIPELINE = "pipeline"  # the method name of the prune stage's rows
-# Targets (issue 9), checked in cost.json's "targets".
+# The cost targets, checked in cost.json's "targets".
 BERT_BASE_SECONDS, BERT_BASE_RSS_MB = 12 * 60, 2048  # BERT-base shape, 100k tokens, budget 0.5
 DOUBLE_SAMPLE_RSS_RATIO = 1.2  # peak RSS at 200k tokens at most this times that at 100k
 TEACHER_SECONDS, TEACHER_RSS_MB = 90, 1.2 * 1024  # the MiniLM teacher at 100k tokens, every budget
@@ -314,7 +314,7 @@ def kprune_methods(runs: list[dict]) -> list[str]:
 
 
 def check_targets(runs: list[dict], slopes: dict, flops_keep: float) -> dict:
-    """Each target of issue 9 with the figures it is judged on and whether it is met, for every K-prune
+    """Each cost target with the figures it is judged on and whether it is met, for every K-prune
     variant measured (keys of variants other than the default start with their name)."""
     targets: dict = {}
     largest = max((r["requested_tokens"] for r in runs if r["model"] == TEACHER_MODEL), default=None)

@@ -1,4 +1,4 @@
-"""Load time of a pruned folder against from_pretrained of the unpruned model (issue 11's target: at most
+"""Load time of a pruned folder against from_pretrained of the unpruned model (the target: at most
 1.5x).
 
     python -m bench.load                                   # BERT-base shape, pruned to half its units

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny test pipeline is defined wit
 from pipeline_project import commit, environment, make_project, set_param, tiny_base_model  # noqa: E402
 
 NAME = "repro"
-OVERHEAD_SECONDS = 5.0  # issue 9: per stage, outside the stage's own work
+OVERHEAD_SECONDS = 5.0  # the target: per stage, outside the stage's own work
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 ERROR_LINE = re.compile(r"Error logging to API|All connection attempts failed|Traceback|ERROR")
 
