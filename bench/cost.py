@@ -4,6 +4,7 @@ its cost does), and of the pipeline's prune stage on the same inputs as the libr
 
     python -m bench.cost                                           # the whole plan (about 1.5 h on 2 cores)
     python -m bench.cost --tokens 2000,4000 --budgets "" --bert-base-plan "" --no-pipeline   # a smoke run
+    python -m bench.cost --tokens "" --budgets "" --no-pipeline    # the BERT-base rows alone
 
 Every measurement runs in a fresh child process (``python -m bench.cost --one ...``, or the prune stage
 itself), so its peak RSS is its own: the parent reads the child's rusage from wait4. Time is
@@ -71,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", type=method_names, default=["kprune", "kwon"], help=f"of: {', '.join(METHODS)}"
     )
     parser.add_argument(
-        "--tokens", type=ints, default=[25_000, 50_000, 100_000], help="sample sizes on the teacher"
+        "--tokens",
+        type=lambda text: ints(text) if text.strip() else [],
+        default=[25_000, 50_000, 100_000],
+        help="sample sizes on the teacher ('' for no teacher rows: with --budgets '' --no-pipeline, the "
+        "BERT-base rows alone)",
     )
     parser.add_argument(
         "--budgets",
@@ -114,7 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="kprune", help=argparse.SUPPRESS)
     parser.add_argument("--num-tokens", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.tokens and (args.budgets or args.pipeline):
+        parser.error("--tokens '': the --budgets and pipeline rows run at the largest --tokens; add "
+                     "--budgets '' --no-pipeline")  # fmt: skip
+    return args
 
 
 def method_tokens(text: str) -> list[tuple[str, int]]:
