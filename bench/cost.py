@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ PIPELINE_SLACK = 0.10  # the prune stage within 10% of the library's time and me
 LINEAR_SLACK = 0.05  # "linear in tokens": a log-log slope of time vs tokens at most 1 + this
 
 
+def allowing_empty(convert: Callable[[str], list]) -> Callable[[str], list]:
+    """An option's list parser that also takes '' for an empty list (no rows of that kind)."""
+    return lambda text: convert(text) if text.strip() else []
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
@@ -73,14 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tokens",
-        type=lambda text: ints(text) if text.strip() else [],
+        type=allowing_empty(ints),
         default=[25_000, 50_000, 100_000],
         help="sample sizes on the teacher ('' for no teacher rows: with --budgets '' --no-pipeline, the "
         "BERT-base rows alone)",
     )
     parser.add_argument(
         "--budgets",
-        type=lambda text: floats(text) if text.strip() else [],
+        type=allowing_empty(floats),
         default=[0.6, 0.4, 0.3, 0.2],
         help="further budgets on the teacher at the largest --tokens (%(default)s; '' for none)",
     )
