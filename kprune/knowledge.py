@@ -144,11 +144,13 @@ def measure_knowledge(
     ``predictive="batch-gradient"`` reproduces the reference code (squared gradients of the batch-mean
     loss, zero while the student equals the teacher), for ablations. ``first_token_only[i]``: the
     representational knowledge of ``subs[i]`` is averaged over the first tokens only (the positions its
-    output reaches the head by).
+    output reaches the head by); from the first such sublayer up, the other positions are not computed.
     """
     first_token_only = list(first_token_only) if first_token_only is not None else [False] * len(subs)
     if len(first_token_only) != len(subs):
         raise ValueError(f"first_token_only has {len(first_token_only)} entries for {len(subs)} sublayers")
+    if first_token_only != sorted(first_token_only):
+        raise ValueError(f"first_token_only must hold for the top sublayers only, got {first_token_only}")
     if predictive not in PREDICTIVE_MODES:
         raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
     predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
@@ -208,17 +210,19 @@ def _measure_micro_batch(
     the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
     (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
     token_weights = attention_mask.flatten().to(hidden.dtype)
-    first_token_weights = torch.zeros_like(attention_mask, dtype=hidden.dtype)
-    first_token_weights[:, 0] = 1.0
-    first_token_weights = first_token_weights.flatten()
     masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
     squared_features = []
     for sub, mask, first in zip(subs, masks, first_token_only, strict=True):
-        features = sub.features(hidden, attention_mask)
+        # From the first sublayer whose output the head reads at the first token only, the forward (and so
+        # the backward) carries that token alone: the other positions cannot reach the logits.
+        features = sub.features(hidden, attention_mask, first_token_only=first)
+        if first:
+            hidden = hidden[:, :1]
         # Valid tokens' squares summed by one matrix-vector product, in float32 within a micro-batch and
         # float64 across them: no gathered or float64 copy of the features.
         flat = features.detach().flatten(0, 1).flatten(1)
-        squared = (first_token_weights if first else token_weights) @ (flat * flat)
+        squares = flat * flat
+        squared = squares.sum(0) if first else token_weights @ squares
         squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
         hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
     gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]

@@ -64,31 +64,39 @@ class Sublayer:
         return self.output.in_features // self.width
 
     def features(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
         """Unit features (B, S, units, width): the input of the output projection, split by unit.
 
-        keep (bool, units): compute only the kept units' features, from slices of the input maps."""
+        keep (bool, units): compute only the kept units' features, from slices of the input maps.
+        first_token_only: the features at each sequence's first position only, (B, 1, units, width), the
+        same values as the first position of the full result (an attention sublayer's one query still
+        attends to every token): all a sequence classifier's head reads of the last layer."""
         batch, length, _ = hidden.shape
+        queries = hidden[:, :1] if first_token_only else hidden
         units = self.num_units if keep is None else int(keep.sum())
 
-        def project(attribute: str) -> torch.Tensor:
+        def project(attribute: str, inputs: torch.Tensor) -> torch.Tensor:
             linear = self.part(attribute)
             if keep is None:
-                return linear(hidden)
+                return linear(inputs)
             rows = keep.to(linear.weight.device).repeat_interleave(self.width)
             bias = linear.bias[rows] if linear.bias is not None else None
-            return F.linear(hidden, linear.weight[rows], bias)
+            return F.linear(inputs, linear.weight[rows], bias)
 
         if self.kind == FFN:
             activation = functools.reduce(getattr, self.family.ffn_activation.split("."), self.module)
-            return activation(project("ffn_up")).unsqueeze(-1)
+            return activation(project("ffn_up", queries)).unsqueeze(-1)
         d_h = self.width
         if units == 0:
-            return hidden.new_zeros(batch, length, 0, d_h)
+            return hidden.new_zeros(batch, queries.shape[1], 0, d_h)
         query, key, value = (
-            project(name).view(batch, length, units, d_h).transpose(1, 2)
-            for name in ("query", "key", "value")
+            project(name, inputs).view(batch, inputs.shape[1], units, d_h).transpose(1, 2)
+            for name, inputs in (("query", queries), ("key", hidden), ("value", hidden))
         )
         keys_visible = attention_mask[:, None, None, :].bool()
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=keys_visible)

@@ -176,27 +176,58 @@ def test_representational_knowledge_equals_hooked_computation():
         torch.testing.assert_close(known.representational, expected, rtol=1e-4, atol=1e-10)
 
 
-def test_first_token_knowledge_is_the_mean_over_first_tokens_only():
-    model = tiny_model("bert")
-    sample = tiny_sample(num=10)
+@pytest.mark.parametrize(
+    "family,task,start",
+    [("bert", "classification", 0), ("distilbert", "classification", 2), ("roberta", "regression", 3)],
+)
+def test_first_token_knowledge_is_the_mean_over_first_tokens_only(family, task, start):
+    """From sublayer ``start`` up (the last layer's attention, its FFN alone, or the whole model): the
+    forward above the last layer's input carries the first token alone, and gives the predictive
+    knowledge of the full forward."""
+    model = tiny_model(family, task)
+    sample = model_inputs(model, tiny_sample(num=10))
     captured = hooked_output_inputs(model, sample)
     subs = sublayers(model)
-    first_token_only = [False, False, True, True]  # the last layer's two sublayers
+    first_token_only = [False, False, True, True][start:]  # the last layer's two sublayers
     with torch.no_grad():
         teacher, hidden = model_logits(model, sample), encoder_input(model, sample)
-    measured = measure_knowledge(
-        model, subs, [hidden], [sample["attention_mask"]], [teacher], "classification",
-        temperature=T, first_token_only=first_token_only,
-    )  # fmt: skip
-    full = measure_all(model, sample)
+        for sub in subs[:start]:
+            hidden = sub.forward(hidden, sample["attention_mask"])
+
+    def measure(first):
+        return measure_knowledge(
+            model, subs[start:], [hidden], [sample["attention_mask"]], [teacher], task,
+            temperature=T, first_token_only=first,
+        )  # fmt: skip
+
     first = torch.zeros_like(sample["attention_mask"], dtype=torch.bool)
     first[:, 0] = True
-    for known, everywhere, sub, only_first in zip(measured, full, subs, first_token_only, strict=True):
+    everywhere = measure([False] * len(first_token_only))
+    last_ffn_inputs = []
+    hook = subs[-1].part("ffn_up").register_forward_pre_hook(lambda m, args: last_ffn_inputs.append(args[0]))
+    measured = measure(first_token_only)
+    hook.remove()
+    assert [tuple(inputs.shape[:2]) for inputs in last_ffn_inputs] == [(len(hidden), 1)]
+    for known, full, sub, only_first in zip(
+        measured, everywhere, subs[start:], first_token_only, strict=True
+    ):
         rows = first if only_first else sample["attention_mask"].bool()
         expected = expected_representational(sub, captured[sub.index], rows)
         torch.testing.assert_close(known.representational, expected, rtol=1e-4, atol=1e-10)
         # The predictive term is the same: the head already reads the first token only.
-        torch.testing.assert_close(known.predictive, everywhere.predictive)
+        torch.testing.assert_close(known.predictive, full.predictive, rtol=1e-4, atol=1e-10)
+
+
+def test_first_token_only_must_be_the_top_sublayers():
+    model = tiny_model("bert")
+    sample = tiny_sample(num=4)
+    with torch.no_grad():
+        teacher, hidden = model_logits(model, sample), encoder_input(model, sample)
+    with pytest.raises(ValueError, match="top sublayers"):
+        measure_knowledge(
+            model, sublayers(model), [hidden], [sample["attention_mask"]], [teacher], "classification",
+            first_token_only=[False, True, False, True],
+        )  # fmt: skip
 
 
 def test_hessian_factor_reproduces_the_loss_hessian():
