@@ -36,7 +36,7 @@ EXACT_RELATIVE_ERROR = 1e-6
 
 class LeastSquaresStats:
     """Running float64 sums G = F^T F (k, k), C = F^T R (k, d), ||R||^2 and the number of rows (each
-    batch's own sums in float32 unless it is float64)."""
+    batch's own sums in float32 unless its features or target are float64)."""
 
     def __init__(self, num_features: int, out_dim: int, device: torch.device | str | None = None) -> None:
         if num_features < 0 or out_dim <= 0:
@@ -68,9 +68,9 @@ class LeastSquaresStats:
             raise ValueError(
                 f"target must have shape ({features.shape[0]}, {self.out_dim}), got {tuple(target.shape)}"
             )
-        # One batch's products are summed in float32 (float64 stays float64), the batches in float64: faster
+        # One batch's products are summed in float32 (in float64 if either is), the batches in float64: faster
         # than float64 products and casts (bench.cost), with float32's round-off over one batch's rows only.
-        work = torch.float64 if features.dtype == torch.float64 else torch.float32
+        work = torch.float64 if torch.float64 in (features.dtype, target.dtype) else torch.float32
         features = features.detach().to(device=self.gram.device, dtype=work)
         target = target.detach().to(device=self.gram.device, dtype=work)
         self.gram += features.T @ features

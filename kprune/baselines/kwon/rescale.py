@@ -15,7 +15,7 @@ from kprune.baselines.kwon.fisher import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
-from kprune.tune import ridged, solve_normal_equations
+from kprune.tune import LeastSquaresStats, ridged, solve_normal_equations
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ class ScaleStats:
     """Normal equations of min_{s, o} sum over rows ||sum_i s_i W_i f_i + o 1 - r||^2 for one sublayer's
     kept units (W_i: unit i's output columns, f_i its features, r the target, o an optional offset).
 
-    Accumulated over batches in float64: the features' Gram matrix, cross[i] = sum <W_i f_i, r>,
-    the feature sums, the sum, count and squared norm of r's entries. Then
-    gram[i, j] = sum <W_i f_i, W_j f_j> = blockwise sums of (W^T W) * (F^T F) and
-    offset_gram[i] = sum <W_i f_i, 1>.
+    The features' least-squares statistics (kprune.tune.LeastSquaresStats: F^T F, F^T R, ||R||^2, each
+    batch in float32 and the batches in float64) plus the feature sums and the sum of r's entries. Then
+    gram[i, j] = sum <W_i f_i, W_j f_j> = blockwise sums of (W^T W) * (F^T F),
+    cross[i] = sum <W_i f_i, r> = the blockwise sum of W^T * (F^T R), offset_gram[i] = sum <W_i f_i, 1>.
     """
 
     def __init__(self, weight: Tensor, width: int) -> None:
@@ -38,36 +38,52 @@ class ScaleStats:
         self.weight = weight.detach().double()
         self.width = width
         self.units = self.weight.shape[1] // width
-        zeros = dict(dtype=torch.float64, device=weight.device)
-        self.feature_gram = torch.zeros(self.weight.shape[1], self.weight.shape[1], **zeros)
-        self.feature_sum = torch.zeros(self.weight.shape[1], **zeros)
-        self.cross = torch.zeros(self.units, **zeros)
-        self.target_sum = 0.0
-        self.entries = 0
-        self.target_sq = 0.0
-        self.rows = 0
+        out_dim, num_features = self.weight.shape
+        self.least_squares = LeastSquaresStats(num_features, out_dim, device=weight.device)
+        self.feature_sum = torch.zeros(num_features, dtype=torch.float64, device=weight.device)
+        # A tensor, as LeastSquaresStats' sums: reading a number per batch would wait for a GPU each time.
+        self.target_sum_total = torch.zeros((), dtype=torch.float64, device=weight.device)
         self._gram: Tensor | None = None
+        self._cross: Tensor | None = None
 
     def add(self, features: Tensor, target: Tensor) -> None:
         """One batch of rows: features (n, units, width) and target (n, d)."""
-        rows = features.shape[0]
-        self._gram = None
-        flat = features.reshape(rows, -1).double()
-        target = target.double()
-        self.feature_gram += flat.T @ flat
-        self.feature_sum += flat.sum(0)
-        self.cross += (flat * (target @ self.weight)).view(rows, self.units, self.width).sum((0, 2))
-        self.target_sum += float(target.sum())
-        self.entries += target.numel()
-        self.target_sq += float(target.square().sum())
-        self.rows += rows
+        self._gram = self._cross = None
+        flat = features.reshape(features.shape[0], -1)
+        self.least_squares.add(flat, target)
+        self.feature_sum += flat.sum(0, dtype=torch.float64)
+        self.target_sum_total += target.sum(dtype=torch.float64)
+
+    @property
+    def rows(self) -> int:
+        return self.least_squares.num_rows
+
+    @property
+    def entries(self) -> int:
+        """Entries of the target summed over (rows x d)."""
+        return self.rows * self.weight.shape[0]
+
+    @property
+    def target_sq(self) -> float:
+        return self.least_squares.target_sq
+
+    @property
+    def target_sum(self) -> float:
+        return float(self.target_sum_total)
 
     @property
     def gram(self) -> Tensor:
         if self._gram is None:  # cached until the next add
-            products = (self.weight.T @ self.weight) * self.feature_gram
+            products = (self.weight.T @ self.weight) * self.least_squares.gram
             self._gram = products.view(self.units, self.width, self.units, self.width).sum((1, 3))
         return self._gram
+
+    @property
+    def cross(self) -> Tensor:
+        if self._cross is None:
+            products = (self.least_squares.cross * self.weight.T).sum(1)  # <W_f, (F^T R)_f> per feature f
+            self._cross = products.view(self.units, self.width).sum(1)
+        return self._cross
 
     @property
     def offset_gram(self) -> Tensor:
