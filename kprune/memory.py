@@ -141,10 +141,10 @@ TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 
 def configure_cpu_memory() -> bool:
     """Fix glibc's mmap threshold at 2 MB for this process (large tensors then return their memory when
-    freed) and let torch put its tensors of 2 MB or more on 2 MB pages (so each costs few page faults). A no-op
-    elsewhere than glibc and Linux; returns whether the threshold was applied. The CLI, the pipeline and
-    the benchmarks call it at start-up; call it yourself before a large CPU prune in a notebook, before
-    torch allocates its first large tensor. Neither setting changes a result."""
+    freed) and let torch put its tensors of 2 MB or more on 2 MB pages (so each costs few page faults).
+    A no-op elsewhere than glibc and Linux; returns whether the threshold was applied. The CLI, the
+    pipeline and the benchmarks call it at start-up; call it yourself before a large CPU prune in a
+    notebook, before torch allocates its first large tensor. Neither setting changes a result."""
     os.environ.setdefault(TORCH_HUGE_PAGES, "1")
     name = ctypes.util.find_library("c")
     if name is None:
