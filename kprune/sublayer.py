@@ -76,7 +76,7 @@ class Sublayer:
         first_token_only: the features at each sequence's first position only, (B, 1, units, width), the
         same values as the first position of the full result (an attention sublayer's one query still
         attends to every token): all a sequence classifier's head reads of the last layer."""
-        batch, length, _ = hidden.shape
+        batch = hidden.shape[0]
         queries = hidden[:, :1] if first_token_only else hidden
         units = self.num_units if keep is None else int(keep.sum())
 
