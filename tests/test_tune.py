@@ -41,37 +41,54 @@ def lstsq_minimum_error(features: torch.Tensor, target: torch.Tensor) -> float:
     return direct_error(features, torch.from_numpy(solution.T.copy()), target)
 
 
-def test_batched_accumulation_sums_each_batch_in_float32_and_the_batches_in_float64():
+def exact_sums(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    f, r = features.double(), target.double()
+    return f.T @ f, f.T @ r, float(r.square().sum())
+
+
+# (rows summed before a flush, narrowest Gram strip): with 8 features, one strip of 8, four of 2, 3+3+2
+SUMMATIONS = [(1, 256), (50, 2), (4096, 3), (50, 256)]
+
+
+@pytest.fixture(params=SUMMATIONS, ids=lambda pair: f"pending{pair[0]}-strip{pair[1]}")
+def summation(request, monkeypatch):
+    pending_rows, strip_width = request.param
+    monkeypatch.setattr(LeastSquaresStats, "PENDING_ROWS", pending_rows)
+    monkeypatch.setattr(LeastSquaresStats, "MIN_STRIP_WIDTH", strip_width)
+
+
+def test_float64_rows_are_summed_in_float64(summation):
+    # Entries 1 + 1e-9 x: a float32 sum anywhere would round the 1e-9 parts away (relative error ~1e-8).
     features, target = random_problem(0, n=100)
-    batches = [
-        (0, 30, torch.float32),
-        (30, 55, torch.bfloat16),
-        (55, 56, torch.float16),
-        (56, 100, torch.double),
-    ]
+    features = 1 + 1e-9 * features
     stats = LeastSquaresStats(8, 5)
-    gram, cross = torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, 5, dtype=torch.float64)
-    target_sq = 0.0
+    for start in range(0, 100, 30):
+        stats.add(features[start : start + 30], target[start : start + 30])
+    gram, cross, target_sq = exact_sums(features, target)
+    assert stats.gram.dtype == stats.cross.dtype == torch.float64
+    torch.testing.assert_close(stats.gram, gram, rtol=1e-14, atol=0)
+    torch.testing.assert_close(stats.cross, cross, rtol=1e-12, atol=1e-12)
+    assert stats.target_sq == pytest.approx(target_sq, rel=1e-14)
+    assert stats.num_rows == 100
+
+
+def test_lower_precision_rows_are_summed_in_float32_within_a_pending_group(summation):
+    features, target = random_problem(1, n=100)
+    batches = [(0, 30, torch.float32), (30, 55, torch.bfloat16), (55, 56, torch.float16), (56, 100, torch.double)]
+    stats = LeastSquaresStats(8, 5)
     cast_features, cast_target = [], []
     for start, stop, dtype in batches:
         f, r = features[start:stop].to(dtype), target[start:stop].to(dtype)
         stats.add(f, r)
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        f, r = f.to(work), r.to(work)
-        gram += (f.T @ f).double()
-        cross += (f.T @ r).double()
-        target_sq += float(r.square().sum())
         cast_features.append(f.double())
         cast_target.append(r.double())
-    f, r = torch.cat(cast_features), torch.cat(cast_target)
-
-    assert stats.gram.dtype == stats.cross.dtype == torch.float64
-    torch.testing.assert_close(stats.gram, gram, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(stats.cross, cross, rtol=1e-12, atol=1e-12)
-    assert stats.target_sq == pytest.approx(target_sq, rel=1e-12)
-    # float32 round-off over one batch's rows only: close to the float64 sums of the same (cast) rows
-    torch.testing.assert_close(stats.gram, f.T @ f, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats.cross, f.T @ r, rtol=1e-5, atol=1e-4)
+        if start == 30:  # a read in between flushes the pending sums; later rows still count
+            assert stats.num_rows == 55 and stats.gram.shape == (8, 8)
+    gram, cross, target_sq = exact_sums(torch.cat(cast_features), torch.cat(cast_target))
+    # float32 round-off over at most a pending group's rows (a bfloat16 sum would miss by ~1e-3)
+    torch.testing.assert_close(stats.gram, gram, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.cross, cross, rtol=1e-5, atol=1e-5)
+    assert stats.target_sq == pytest.approx(target_sq, rel=1e-6)
     assert stats.num_rows == 100
 
 

@@ -15,20 +15,19 @@ from kprune.baselines.kwon.fisher import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
-from kprune.tune import LeastSquaresStats, ridged, solve_normal_equations
+from kprune.tune import EXACT_RELATIVE_ERROR, LeastSquaresStats, ridged, solve_normal_equations
 
 logger = logging.getLogger(__name__)
 
 MAX_SCALE = 10.0  # the reference stops rescaling when a scale leaves [-10, 10]
-EXACT_RELATIVE_ERROR = 1e-10  # a sublayer already reproducing its target is left at scale 1
 
 
 class ScaleStats:
     """Normal equations of min_{s, o} sum over rows ||sum_i s_i W_i f_i + o 1 - r||^2 for one sublayer's
     kept units (W_i: unit i's output columns, f_i its features, r the target, o an optional offset).
 
-    The features' least-squares statistics (kprune.tune.LeastSquaresStats: F^T F, F^T R, ||R||^2, each
-    batch in float32 and the batches in float64) plus the feature sums and the sum of r's entries. Then
+    The features' least-squares statistics (kprune.tune.LeastSquaresStats: F^T F, F^T R, ||R||^2, in float32
+    over a few thousand rows at a time, float64 across) plus the feature sums and the sum of r's entries. Then
     gram[i, j] = sum <W_i f_i, W_j f_j> = blockwise sums of (W^T W) * (F^T F),
     cross[i] = sum <W_i f_i, r> = the blockwise sum of W^T * (F^T R), offset_gram[i] = sum <W_i f_i, 1>.
     """
