@@ -114,6 +114,23 @@ def _projected_softmax_factor(probs: torch.Tensor, projections: int, generator) 
     return rows / projections**0.5
 
 
+class MaskProbe(torch.autograd.Function):
+    """``features * mask[:, None, :, None]`` at mask = 1 (one mask variable per example and unit) without
+    the products: the forward passes the features on, the backward passes the gradient on unchanged and
+    gives the mask its gradient, the features' product with it summed over positions and width. Two fewer
+    full-size products per sublayer and micro-batch than the multiplication's autograd."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features)
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (features,) = ctx.saved_tensors
+        return grad, (grad * features).sum((1, 3))
+
+
 def micro_batches(rows: int, length: int, max_tokens: int) -> list[slice]:
     """Consecutive row slices of a (rows, length) batch with at most max_tokens padded tokens each
     (at least one row): they bound the autograd graph of one measurement."""
@@ -224,7 +241,7 @@ def _measure_micro_batch(
         squares = flat * flat
         squared = squares.sum(0) if first else token_weights @ squares
         squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
-        hidden = sub.layer_norm(sub.residual_sum(hidden, features * mask[:, None, :, None]))
+        hidden = sub.layer_norm(sub.residual_sum(hidden, MaskProbe.apply(features, mask)))
     gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     logits = task_logits(model, hidden)
     if not logits.requires_grad:  # no unit is left above: nothing to measure
