@@ -8,6 +8,7 @@ For sublayer t = 0 .. 2L-1, bottom-up:
     weight    = tune(t, keep)         least-squares output projection against the teacher's residual sum
     prune(t, keep, weight)            physical removal; the FLOPs kept leave the budget
     advance(t)                        the student's hidden states move on to sublayer t+1, in place
+                                      (not after the last sublayer: nothing reads its output)
 
 Two objects plug into the loop. A ``TeacherSide`` gives the teacher's soft labels, the encoder input and,
 sublayer by sublayer, the tuning targets one batch at a time: ``TeacherStream`` computes them as the loop
@@ -441,7 +442,8 @@ def iterate(
     steps = []
     for record, keep, weight in store.finished():
         Sublayer(student, record.sublayer).keep_units(keep, weight)
-        advance(student, record.sublayer, hidden, batches)
+        if record.sublayer < total - 1:  # nothing reads the last sublayer's output
+            advance(student, record.sublayer, hidden, batches)
         steps.append(record)
     if steps:
         logger.info(
@@ -461,9 +463,10 @@ def iterate(
         knowledge = store.knowledge(t, obtain)
         keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
         targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
+        last = t == total - 1  # nothing reads its output: no advance
         # Offloaded (on the CPU), the tuning's features wait in a file for the advance, which then skips
         # recomputing them; in an accelerator's memory they would be one more whole-sample copy.
-        kept_features = OffloadedStates() if offload else None
+        kept_features = OffloadedStates() if offload and not last else None
         weight, report = store.tuned(
             t, functools.partial(tune, student, t, keep, hidden, batches, targets, config, kept_features)
         )
@@ -472,7 +475,8 @@ def iterate(
             student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds, measured
         )
         store.finish(t, record, keep, weight)
-        advance(student, t, hidden, batches, kept_features)
+        if not last:
+            advance(student, t, hidden, batches, kept_features)
         if kept_features is not None:
             kept_features.close()
         steps.append(record)

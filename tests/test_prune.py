@@ -178,7 +178,8 @@ def test_offloaded_hidden_states_give_the_same_model(family):
 
 def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
     """Offloaded, the advance reuses the features the tuning computed (no Sublayer.features call inside
-    it); in RAM it computes them, one call per batch and step. The same model either way."""
+    it); in RAM it computes them, one call per batch and step but the last (nothing reads its output).
+    The same model either way."""
     teacher = tiny_model("bert")
     sample = model_inputs(teacher, tiny_sample())
     batches = make_batches(sample, 8)
@@ -203,7 +204,7 @@ def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
     for offload in (False, True):
         calls.clear()
         results[offload] = run(teacher, sample, 0.4, offload=offload, batch_size=8)
-        recomputed = [] if offload else [t for t in range(len(sublayers(teacher))) for _ in batches]
+        recomputed = [] if offload else [t for t in range(len(sublayers(teacher)) - 1) for _ in batches]
         assert calls == recomputed
     for name, value in results[False].model.state_dict().items():
         assert torch.equal(results[True].model.state_dict()[name], value), name
