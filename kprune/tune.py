@@ -114,7 +114,7 @@ class LeastSquaresStats:
             raise ValueError(
                 f"target must have shape ({features.shape[0]}, {self.out_dim}), got {tuple(target.shape)}"
             )
-        # Products in float32 (float64 if either input is): faster than float64 products and casts (bench.cost).
+        # Products in float32 (float64 if either input is): faster than float64 products and casts.
         work = torch.float64 if torch.float64 in (features.dtype, target.dtype) else torch.float32
         if self._pending is not None and self._pending[0].dtype != work:
             self._flush()

@@ -74,7 +74,8 @@ def test_float64_rows_are_summed_in_float64(summation):
 
 def test_lower_precision_rows_are_summed_in_float32_within_a_pending_group(summation):
     features, target = random_problem(1, n=100)
-    batches = [(0, 30, torch.float32), (30, 55, torch.bfloat16), (55, 56, torch.float16), (56, 100, torch.double)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.double]
+    batches = list(zip([0, 30, 55, 56], [30, 55, 56, 100], dtypes, strict=True))
     stats = LeastSquaresStats(8, 5)
     cast_features, cast_target = [], []
     for start, stop, dtype in batches:
