@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
-from kprune.config import BATCH_GRADIENT, FISHER, KNOWLEDGE_SCALES, PREDICTIVE_MODES, RAW_SCALE
+from kprune.config import (
+    BATCH_GRADIENT,
+    FISHER,
+    KNOWLEDGE_SCALES,
+    MICRO_BATCH_TOKENS,
+    PREDICTIVE_MODES,
+    RAW_SCALE,
+)
 from kprune.sublayer import Sublayer
 
 
@@ -149,7 +156,7 @@ def measure_knowledge(
     projections: int = 8,
     generator: torch.Generator | None = None,
     predictive: str = FISHER,
-    max_tokens: int = 1024,
+    max_tokens: int = MICRO_BATCH_TOKENS,
     first_token_only: Sequence[bool] | None = None,
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).

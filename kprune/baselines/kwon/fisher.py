@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from kprune.arch import task_of
 from kprune.baselines.common import masked_logits
 from kprune.baselines.kwon.labels import task_loss
+from kprune.config import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import OffloadedStates
 from kprune.sublayer import sublayers
-
-MICRO_BATCH_TOKENS = 256  # padded tokens per pass of the Fisher and of the rescaling: bounds their memory
 
 
 def mask_gradients(

@@ -22,7 +22,6 @@ from kprune.baselines.common import (
     unit_costs,
 )
 from kprune.baselines.kwon.fisher import (
-    MICRO_BATCH_TOKENS,
     OffloadedGradients,
     fisher_block,
     fisher_diagonal,
@@ -32,6 +31,7 @@ from kprune.baselines.kwon.labels import task_labels
 from kprune.baselines.kwon.rearrange import rearrange_mask
 from kprune.baselines.kwon.rescale import MAX_SCALE, RescaleReport, rescale_masks
 from kprune.baselines.kwon.search import search_heads_and_neurons
+from kprune.config import MICRO_BATCH_TOKENS
 from kprune.memory import offload_default
 from kprune.models import resolve_device
 from kprune.record import PruneResult, build_record

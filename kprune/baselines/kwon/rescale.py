@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
 from kprune.baselines.common import masked_sublayer
-from kprune.baselines.kwon.fisher import MICRO_BATCH_TOKENS
+from kprune.config import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
