@@ -16,7 +16,7 @@ Two solvers:
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -281,23 +281,22 @@ def check_sequences(num_sequences: int, fraction: float, seed: int) -> Tensor:
 
 def ridge_towards(
     stats: LeastSquaresStats, current_weight: Tensor, strengths: Sequence[float]
-) -> list[Tensor]:
+) -> Iterator[Tensor]:
     """W(s)^T = (G + lam I)^-1 (C + lam W0^T), lam = s * mean(diag(G)), for every s, float64 (d, k), from
-    one eigendecomposition G = V diag(e) V^T:  W(s)^T = V diag(1 / (e + lam)) V^T (C + lam W0^T)."""
+    one eigendecomposition G = V diag(e) V^T:  W(s)^T = V diag(1 / (e + lam)) V^T (C + lam W0^T).
+    Yielded one at a time (five of a BERT-base FFN's would hold 75 MB at once)."""
     gram, cross = stats.gram, stats.cross
     w0 = current_weight.detach().to(device=gram.device, dtype=torch.float64).T  # (k, d)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.clamp_min(0)  # round-off can leave tiny negatives on a singular G
     projected_cross, projected_current = eigenvectors.T @ cross, eigenvectors.T @ w0
     mean_diagonal = float(gram.diagonal().mean())
-    solutions = []
     for strength in strengths:
         lam = strength * mean_diagonal
         inverse = 1.0 / (eigenvalues + lam)
         if not torch.isfinite(inverse).all():  # lam = 0 on a singular G: no unique solution
             inverse = torch.where(eigenvalues > 0, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
-        solutions.append((eigenvectors @ (inverse[:, None] * (projected_cross + lam * projected_current))).T)
-    return solutions
+        yield (eigenvectors @ (inverse[:, None] * (projected_cross + lam * projected_current))).T
 
 
 def solve_towards_current(
@@ -307,18 +306,20 @@ def solve_towards_current(
 
     fit, check: the statistics of the two parts of the sample; strengths: relative ridge strengths s > 0.
     The strength (or no tuning) with the lowest check error is chosen on the fit part, then the weight is
-    refitted on fit + check at that strength (Cholesky; lstsq fallback)."""
+    refitted on fit + check at that strength (Cholesky; lstsq fallback). The whole sample's errors are the
+    two parts' sums, and its normal equations are built only for that last solve (k x k float64 matrices
+    are the peak memory of a wide FFN's tuning)."""
     if not strengths or not all(math.isfinite(s) and s > 0 for s in strengths):
         raise ValueError(f"strengths must be finite numbers > 0, got {strengths!r}")
-    whole = fit + check
-    error_before = whole.error(current_weight)  # also checks current_weight's shape
-    check_before = check.error(current_weight)
+    check_before = check.error(current_weight)  # also checks current_weight's shape
+    error_before = fit.error(current_weight) + check_before
+    target_sq = fit.target_sq + check.target_sq
 
     def unchanged(solver: str, rejected: bool = False) -> tuple[Tensor, TuneReport]:
         report = TuneReport(
             error_before,
             error_before,
-            whole.target_sq,
+            target_sq,
             0.0,
             solver,
             rejected,
@@ -328,9 +329,9 @@ def solve_towards_current(
         )
         return current_weight.clone(), report
 
-    if whole.num_features == 0:
+    if fit.num_features == 0:
         return unchanged("none")
-    if error_before <= EXACT_RELATIVE_ERROR * whole.target_sq:
+    if error_before <= EXACT_RELATIVE_ERROR * target_sq:
         return unchanged("exact")
     if fit.num_rows == 0 or check.num_rows == 0 or float(fit.gram.diagonal().mean()) <= 0:
         return unchanged("no-check")  # nothing to fit, or nothing to check it on: tuning could hurt
@@ -339,14 +340,16 @@ def solve_towards_current(
     if not check_errors[best] < check_before:
         return unchanged("check-rejected", rejected=True)
 
-    lam = strengths[best] * float(whole.gram.diagonal().mean())
-    right = whole.cross + lam * current_weight.detach().to(whole.cross).T
-    solution, solver = solve_normal_equations(ridged(whole.gram, lam), right)
+    system = fit.gram + check.gram
+    lam = strengths[best] * float(system.diagonal().mean())
+    right = fit.cross + check.cross + lam * current_weight.detach().to(fit.cross).T
+    system.diagonal().add_(lam)
+    solution, solver = solve_normal_equations(system, right)
     new_weight = solution.T.to(device=current_weight.device, dtype=current_weight.dtype).contiguous()
     report = TuneReport(
         error_before,
-        whole.error(new_weight),
-        whole.target_sq,
+        fit.error(new_weight) + check.error(new_weight),
+        target_sq,
         lam,
         solver,
         False,

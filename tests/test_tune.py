@@ -250,7 +250,7 @@ def explicit_ridge_towards(features, target, current, strength):
 def test_ridge_towards_the_current_weight_equals_dense_solves_and_tends_to_it():
     features, target = random_problem(20)
     current = torch.randn(5, 8, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
-    solutions = ridge_towards(stats_of(features, target), current, (*STRENGTHS, 1e9))
+    solutions = list(ridge_towards(stats_of(features, target), current, (*STRENGTHS, 1e9)))
     for strength, solution in zip(STRENGTHS, solutions, strict=False):
         expected = explicit_ridge_towards(features, target, current, strength)
         torch.testing.assert_close(solution, expected, rtol=1e-9, atol=1e-9)
