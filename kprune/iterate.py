@@ -53,6 +53,7 @@ from kprune.tune import (
     check_sequences,
     solve_output_projection,
     solve_towards_current,
+    tuning_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,15 +192,6 @@ def reads_first_token_only(model: nn.Module, t: int, config: KPruneConfig) -> bo
     reads [CLS] / <s> and whose FFN acts per token. QA reads every position."""
     last_layer = t >= len(sublayers(model)) - 2
     return config.head_positions and last_layer and task_of(model) != QUESTION_ANSWERING
-
-
-def tuning_rows(attention_mask: torch.Tensor, first_token_only: bool) -> torch.Tensor:
-    """Bool (B, S): the rows the tuning fits: every real token, or each sequence's first token."""
-    if not first_token_only:
-        return attention_mask.bool()
-    rows = torch.zeros_like(attention_mask, dtype=torch.bool)
-    rows[:, 0] = True
-    return rows
 
 
 def measures_knowledge(student: nn.Module, t: int, config: KPruneConfig) -> bool:
