@@ -26,7 +26,16 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
-from kprune.config import ALL_TOKENS, BATCH_GRADIENT, DEFAULT, LAYER_RESCORE, PAPER, PRESETS, SUBLAYER_RESCORE
+from kprune.config import (
+    ALL_TOKENS,
+    BATCH_GRADIENT,
+    BFLOAT16,
+    DEFAULT,
+    LAYER_RESCORE,
+    PAPER,
+    PRESETS,
+    SUBLAYER_RESCORE,
+)
 from kprune.data import seeded_rows
 from kprune.models import load_model
 from kprune.record import PruneResult
@@ -105,6 +114,7 @@ METHODS: dict[str, Method] = {
         "K-prune, re-scored once per layer on every token",
         _kprune(rescore=LAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
     ),
+    "kprune-bf16": Method("K-prune, knowledge measured in bfloat16", _kprune(knowledge_precision=BFLOAT16)),
     "kprune-batch-gradient": Method(
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
     ),

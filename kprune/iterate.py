@@ -234,6 +234,7 @@ def measure(
         generator=step_generator(config.seed, t),
         predictive=config.predictive_knowledge,
         max_tokens=config.micro_batch_tokens,
+        precision=config.knowledge_precision,
         first_token_only=[
             reads_first_token_only(student, s, config) for s in range(t, len(sublayers(student)))
         ],
