@@ -13,6 +13,10 @@ import os
 import platform
 import resource
 import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,16 @@ import torch
 
 import kprune
 from kprune.baselines import kwon_prune, magnitude_prune
-from kprune.config import ALL_TOKENS, BATCH_GRADIENT, DEFAULT, LAYER_RESCORE, PAPER, PRESETS, SUBLAYER_RESCORE
+from kprune.config import (
+    ALL_TOKENS,
+    BATCH_GRADIENT,
+    BFLOAT16,
+    DEFAULT,
+    LAYER_RESCORE,
+    PAPER,
+    PRESETS,
+    SUBLAYER_RESCORE,
+)
 from kprune.data import seeded_rows
 from kprune.models import load_model
 from kprune.record import PruneResult
@@ -101,6 +114,7 @@ METHODS: dict[str, Method] = {
         "K-prune, re-scored once per layer on every token",
         _kprune(rescore=LAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
     ),
+    "kprune-bf16": Method("K-prune, knowledge measured in bfloat16", _kprune(knowledge_precision=BFLOAT16)),
     "kprune-batch-gradient": Method(
         "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
     ),
@@ -343,6 +357,58 @@ def peak_rss_mb() -> float:
 
 def current_rss_mb() -> float | None:
     return _status_mb("VmRSS")
+
+
+class PeakTracer:
+    """Where the peak RSS is: a thread reads VmRSS every ``interval`` seconds and, each time it passes the
+    highest so far by ``step_mb``, records the watched thread's stack (the innermost ``depth`` frames).
+    The last record is the peak's place, to within what one interval allocates. Linux only (VmRSS).
+
+        with PeakTracer() as tracer:
+            work()
+        tracer.records[-1]  # {"seconds", "rss_mb", "stack": ["file:line function", ...]}
+    """
+
+    def __init__(self, interval: float = 0.01, step_mb: float = 4.0, depth: int = 14):
+        self.interval, self.step_mb, self.depth = interval, step_mb, depth
+        self.records: list[dict] = []
+        self._watched = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-tracer", daemon=True)
+
+    def __enter__(self) -> PeakTracer:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        highest = 0.0
+        while not self._stop.wait(self.interval):
+            rss = current_rss_mb() or 0.0
+            if rss < highest + self.step_mb:
+                continue
+            highest = rss
+            frame = sys._current_frames().get(self._watched)
+            stack = traceback.extract_stack(frame)[-self.depth :] if frame is not None else []
+            self.records.append(
+                {
+                    "seconds": round(time.perf_counter() - self._started, 3),
+                    "rss_mb": round(rss, 1),
+                    "stack": [f"{_relative(f.filename)}:{f.lineno} {f.name}" for f in stack],
+                }
+            )
+
+
+def _relative(filename: str) -> str:
+    """A frame's file relative to this checkout or to site-packages, for short, comparable stacks."""
+    for root in (str(ROOT) + os.sep, "site-packages" + os.sep):
+        if root in filename:
+            return filename.split(root, 1)[1]
+    return filename
 
 
 # ---------------------------------------------------------------------------------------------- output

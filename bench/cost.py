@@ -10,12 +10,16 @@ Every measurement runs in a fresh child process (``python -m bench.cost --one ..
 itself), so its peak RSS is its own: the parent reads the child's rusage from wait4. Time is
 time.perf_counter around the prune call only (model and sample loading excluded); for the stage, the
 loop's own time from its record.json. Writes <out>/cost.json, cost.png (time and peak RSS vs sample
-tokens) and cost.md.
+tokens) and cost.md. With --trace-peak each library row also records where its peak RSS was (the
+stacks of its last new maximums, bench.common.PeakTracer), e.g.
+
+    python -m bench.cost --tokens "" --budgets "" --no-pipeline --bert-base-plan kprune:25000 --trace-peak
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ import yaml
 from bench.common import (
     METHODS,
     ROOT,
+    PeakTracer,
     add_data_arguments,
     current_rss_mb,
     draw_sample,
@@ -57,6 +62,7 @@ TEACHER_MODEL = "teacher"
 BERT_BASE = "bert-base-random"
 BERT_BASE_SHAPE = (12, 768, 12, 3072)  # layers, hidden, heads, FFN
 PIPELINE = "pipeline"  # the method name of the prune stage's rows
+TRACE_RECORDS = 5  # --trace-peak: the last new maximums kept per row
 # The cost targets, checked in cost.json's "targets".
 BERT_BASE_SECONDS, BERT_BASE_RSS_MB = 12 * 60, 2048  # BERT-base shape, 100k tokens, budget 0.5
 DOUBLE_SAMPLE_RSS_RATIO = 1.2  # peak RSS at 200k tokens at most this times that at 100k
@@ -120,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="measure in this process instead of one child per prune (peak RSS then mixes; for tests)",
     )
+    parser.add_argument(
+        "--trace-peak",
+        action="store_true",
+        help="record where each library row's peak RSS is: the stack at its last new maximums "
+        "(a 10 ms sampling thread; in cost.json as peak_trace, the last stack printed)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--model", default=TEACHER_MODEL, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="kprune", help=argparse.SUPPRESS)
@@ -162,6 +174,14 @@ def bert_base_random(shape, vocab_size: int, seed: int) -> torch.nn.Module:
 def measure_one(args: argparse.Namespace) -> dict:
     """Load the model and the sample, then time one prune; RSS figures are of this process, with the
     memory settings of the CLI and the pipeline (kprune.memory.configure_cpu_memory)."""
+    with PeakTracer() if args.trace_peak else contextlib.nullcontext() as tracer:
+        row = _measure_one(args)
+    if tracer is not None:
+        row["peak_trace"] = tracer.records[-TRACE_RECORDS:]
+    return row
+
+
+def _measure_one(args: argparse.Namespace) -> dict:
     configure_cpu_memory()
     rss_start = current_rss_mb()
     sample, labels = draw_sample(args.prepared, args.num_tokens, args.seed)
@@ -200,6 +220,8 @@ def child_command(args: argparse.Namespace, row: Row, result: Path) -> list[str]
     command += ["--bert-shape", ",".join(map(str, args.bert_shape))]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.trace_peak:
+        command.append("--trace-peak")
     return command
 
 
@@ -521,6 +543,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({run['sample_tokens']} tokens, {run['sample_rows']} rows)",
                 flush=True,
             )
+        if run.get("peak_trace"):
+            peak = run["peak_trace"][-1]
+            print(f"  peak {peak['rss_mb']:.0f} MB at {peak['seconds']:.1f} s in:", flush=True)
+            print("\n".join(f"    {frame}" for frame in peak["stack"]), flush=True)
     main_budget = [r for r in payload["runs"] if math.isclose(r["flops_keep"], args.flops_keep)]
     plot(args.out / f"{NAME}.png", main_budget)
     notes = [

@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kprune.config import ALL_TOKENS, DEFAULT_NUM_TOKENS, PRESETS, RESCORE_MODES, KPruneConfig
+from kprune.config import (
+    ALL_TOKENS,
+    DEFAULT_NUM_TOKENS,
+    KNOWLEDGE_PRECISIONS,
+    PRESETS,
+    RESCORE_MODES,
+    KPruneConfig,
+)
 from kprune.tasks import MAX_QUESTION_TOKENS, STRIDE, TASKS, TaskSpec, custom_task, get_task
 
 if TYPE_CHECKING:
@@ -337,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         "paper); 'layer' at each layer's attention sublayer only, whose measurement the layer's FFN "
         "sublayer reuses (an approximation for speed: half the knowledge measurements); default: the "
         "preset's, " + ", ".join(f"{name} {values['rescore']}" for name, values in PRESETS.items()),
+    )
+    prune_parser.add_argument(
+        "--knowledge-precision",
+        choices=KNOWLEDGE_PRECISIONS,
+        default=DEFAULTS.knowledge_precision,
+        help="precision of the knowledge measurement's matrix products: 'bfloat16' (autocast) is an "
+        "approximation for speed on hardware with bfloat16 products (AVX-512 BF16 or AMX CPUs, recent "
+        f"GPUs); sums and tuning stay float32 (default {DEFAULTS.knowledge_precision})",
     )
     _add_common(prune_parser)
     prune_parser.set_defaults(run=run_prune)
@@ -707,6 +722,7 @@ def _prune(args: argparse.Namespace, out: Path) -> None:
         micro_batch_tokens=args.micro_batch_tokens,
         knowledge_tokens=args.knowledge_tokens,
         rescore=args.rescore,
+        knowledge_precision=args.knowledge_precision,
     )
     with _naming_a_full_disk(out):
         save_pruned(result.model, out, record=result.record, tokenizer=tokenizer, command=args.command_line)

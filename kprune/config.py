@@ -16,6 +16,10 @@ KNOWLEDGE_SCALES = (RAW_SCALE, MEAN_SCALE)
 SUBLAYER_RESCORE, LAYER_RESCORE = "sublayer", "layer"
 RESCORE_MODES = (SUBLAYER_RESCORE, LAYER_RESCORE)
 ALL_TOKENS = "all"  # knowledge_tokens: measure knowledge on the whole sample
+# The precision of the knowledge measurement's matrix products (kprune.knowledge): float32, or bfloat16
+# under autocast (sums, LayerNorms, the residual stream and the tuning stay in float32).
+FLOAT32, BFLOAT16 = "float32", "bfloat16"
+KNOWLEDGE_PRECISIONS = (FLOAT32, BFLOAT16)
 DEFAULT_NUM_TOKENS = 100_000  # tokens of the calibration sample (the paper's)
 # Padded tokens per backward pass of a knowledge measurement (K-prune's and Kwon et al.'s). Its autograd graph
 # holds about 30 MB per BERT-base layer per 600 tokens: at 1,024 tokens the graph of the twelve layers
@@ -98,6 +102,10 @@ class KPruneConfig:
         default preset 25,000.
     micro_batch_tokens: padded tokens per backward pass of the knowledge measurement; bounds the memory of
         its autograd graph (the per-example Fisher does not depend on it; raise it on a large GPU).
+    knowledge_precision: "float32", or "bfloat16": the measurement's forward and backward matrix products
+        in bfloat16 (torch.autocast; the squared features, the gradients' sums, the tuning and the pruned
+        model stay in float32). An approximation for speed on hardware with bfloat16 products (CPUs with
+        AVX-512 BF16 or AMX, recent GPUs).
     rescore: "sublayer" (paper): knowledge is measured at every sublayer t; "layer" (default preset): at
         each layer's attention sublayer only, and the FFN sublayer above it reuses that measurement
         (without the attention sublayer's units), an approximation that halves the measurements; the
@@ -123,6 +131,7 @@ class KPruneConfig:
     seed: int = 0
     knowledge_tokens: int | str | None = None
     micro_batch_tokens: int = MICRO_BATCH_TOKENS
+    knowledge_precision: str = FLOAT32
     rescore: str | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +175,10 @@ class KPruneConfig:
         ):
             raise ValueError(
                 f"knowledge_tokens must be an integer >= 1 or {ALL_TOKENS!r}, got {self.knowledge_tokens!r}"
+            )
+        if self.knowledge_precision not in KNOWLEDGE_PRECISIONS:
+            raise ValueError(
+                f"knowledge_precision must be one of {KNOWLEDGE_PRECISIONS}, got {self.knowledge_precision!r}"
             )
         if self.rescore not in RESCORE_MODES:
             raise ValueError(f"rescore must be one of {RESCORE_MODES}, got {self.rescore!r}")

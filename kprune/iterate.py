@@ -53,6 +53,7 @@ from kprune.tune import (
     check_sequences,
     solve_output_projection,
     solve_towards_current,
+    tuning_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -193,15 +194,6 @@ def reads_first_token_only(model: nn.Module, t: int, config: KPruneConfig) -> bo
     return config.head_positions and last_layer and task_of(model) != QUESTION_ANSWERING
 
 
-def tuning_rows(attention_mask: torch.Tensor, first_token_only: bool) -> torch.Tensor:
-    """Bool (B, S): the rows the tuning fits: every real token, or each sequence's first token."""
-    if not first_token_only:
-        return attention_mask.bool()
-    rows = torch.zeros_like(attention_mask, dtype=torch.bool)
-    rows[:, 0] = True
-    return rows
-
-
 def measures_knowledge(student: nn.Module, t: int, config: KPruneConfig) -> bool:
     """Whether step t measures knowledge: every step with rescore "sublayer"; with "layer" each layer's
     attention step, whose measurement the layer's FFN step then reuses (``reused_knowledge``)."""
@@ -242,6 +234,7 @@ def measure(
         generator=step_generator(config.seed, t),
         predictive=config.predictive_knowledge,
         max_tokens=config.micro_batch_tokens,
+        precision=config.knowledge_precision,
         first_token_only=[
             reads_first_token_only(student, s, config) for s in range(t, len(sublayers(student)))
         ],

@@ -35,7 +35,10 @@ import torch.nn.functional as F
 from kprune.arch import CLASSIFICATION, QUESTION_ANSWERING, REGRESSION, task_logits
 from kprune.config import (
     BATCH_GRADIENT,
+    BFLOAT16,
     FISHER,
+    FLOAT32,
+    KNOWLEDGE_PRECISIONS,
     KNOWLEDGE_SCALES,
     MICRO_BATCH_TOKENS,
     PREDICTIVE_MODES,
@@ -130,12 +133,14 @@ class MaskProbe(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(features)
+        ctx.mask_dtype = mask.dtype
         return features.view_as(features)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (features,) = ctx.saved_tensors
-        return grad, (grad * features).sum((1, 3))
+        # Summed in the mask's precision: bfloat16 features (under autocast) are not rounded again.
+        return grad, (grad * features).sum((1, 3), dtype=ctx.mask_dtype)
 
 
 def micro_batches(rows: int, length: int, max_tokens: int) -> list[slice]:
@@ -158,6 +163,7 @@ def measure_knowledge(
     predictive: str = FISHER,
     max_tokens: int = MICRO_BATCH_TOKENS,
     first_token_only: Sequence[bool] | None = None,
+    precision: str = FLOAT32,
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
 
@@ -169,6 +175,7 @@ def measure_knowledge(
     loss, zero while the student equals the teacher), for ablations. ``first_token_only[i]``: the
     representational knowledge of ``subs[i]`` is averaged over the first tokens only (the positions its
     output reaches the head by); from the first such sublayer up, the other positions are not computed.
+    ``precision="bfloat16"``: the forward and backward matrix products in bfloat16 (autocast), for speed.
     """
     first_token_only = list(first_token_only) if first_token_only is not None else [False] * len(subs)
     if len(first_token_only) != len(subs):
@@ -177,6 +184,8 @@ def measure_knowledge(
         raise ValueError(f"first_token_only must hold for the top sublayers only, got {first_token_only}")
     if predictive not in PREDICTIVE_MODES:
         raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
+    if precision not in KNOWLEDGE_PRECISIONS:
+        raise ValueError(f"precision must be one of {KNOWLEDGE_PRECISIONS}, got {precision!r}")
     predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     representational = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
     output_scale = [sub.output_column_norms().double().cpu() / sub.output.out_features for sub in subs]
@@ -198,6 +207,7 @@ def measure_knowledge(
                 predictive,
                 len(attention_mask),
                 first_token_only,
+                precision,
             )
             for position in range(len(subs)):
                 representational[position] += (squared_features[position] * output_scale[position]).sum(-1)
@@ -229,28 +239,34 @@ def _measure_micro_batch(
     predictive,
     batch_rows,
     first_token_only,
+    precision,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per sublayer: the squared features summed over valid tokens (units, width), and the gradients of
     the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
     (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
-    token_weights = attention_mask.flatten().to(hidden.dtype)
+    dtype = hidden.dtype
+    token_weights = attention_mask.flatten().to(dtype)
     masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
     squared_features = []
-    for sub, mask, first in zip(subs, masks, first_token_only, strict=True):
-        # From the first sublayer whose output the head reads at the first token only, the forward (and so
-        # the backward) carries that token alone: the other positions cannot reach the logits.
-        features = sub.features(hidden, attention_mask, first_token_only=first)
-        if first:
-            hidden = hidden[:, :1]
-        # Valid tokens' squares summed by one matrix-vector product, in float32 within a micro-batch and
-        # float64 across them: no gathered or float64 copy of the features.
-        flat = features.detach().flatten(0, 1).flatten(1)
-        squares = flat * flat
-        squared = squares.sum(0) if first else token_weights @ squares
-        squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
-        hidden = sub.layer_norm(sub.residual_sum(hidden, MaskProbe.apply(features, mask)))
+    # bfloat16: autocast runs the linear layers' products in bfloat16; LayerNorms, and the residual sums
+    # (a bfloat16 product plus the float32 stream), stay in float32. The backward follows the forward.
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=precision == BFLOAT16):
+        for sub, mask, first in zip(subs, masks, first_token_only, strict=True):
+            # From the first sublayer whose output the head reads at the first token only, the forward (and
+            # so the backward) carries that token alone: the other positions cannot reach the logits.
+            features = sub.features(hidden, attention_mask, first_token_only=first)
+            if first:
+                hidden = hidden[:, :1]
+            # Valid tokens' squares summed by one matrix-vector product, in float32 within a micro-batch
+            # and float64 across them: no gathered or float64 copy of the features.
+            with torch.autocast(hidden.device.type, enabled=False):
+                flat = features.detach().to(dtype).flatten(0, 1).flatten(1)
+                squares = flat * flat
+                squared = squares.sum(0) if first else token_weights @ squares
+            squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
+            hidden = sub.layer_norm(sub.residual_sum(hidden, MaskProbe.apply(features, mask)))
+        logits = task_logits(model, hidden).to(dtype)
     gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
-    logits = task_logits(model, hidden)
     if not logits.requires_grad:  # no unit is left above: nothing to measure
         return squared_features, gradients
     if predictive == FISHER:

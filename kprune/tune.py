@@ -267,6 +267,15 @@ def solve_output_projection(
     return new_weight, report
 
 
+def tuning_rows(attention_mask: Tensor, first_token_only: bool) -> Tensor:
+    """Bool (B, S): the rows the tuning fits: every real token, or each sequence's first token."""
+    if not first_token_only:
+        return attention_mask.bool()
+    rows = torch.zeros_like(attention_mask, dtype=torch.bool)
+    rows[:, 0] = True
+    return rows
+
+
 def check_sequences(num_sequences: int, fraction: float, seed: int) -> Tensor:
     """Bool (num_sequences,): the sequences of the check part, a seeded random ``fraction`` of them (at least
     one, and at least one left to fit when there are two or more)."""

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -19,7 +20,7 @@ from kprune.tasks import custom_task
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench import accuracy, cost, speed  # noqa: E402
-from bench.common import METHODS, sample_rows  # noqa: E402
+from bench.common import METHODS, PeakTracer, current_rss_mb, sample_rows  # noqa: E402
 from pipeline.store import write_dataset, write_json, write_table  # noqa: E402
 
 
@@ -195,6 +196,33 @@ def test_cost_child_mode_writes_one_measurement(workspace, tmp_path):
     cost.main(common_args(workspace) + one)
     measured = json.loads(result.read_text())
     assert measured["method"] == "magnitude" and measured["peak_rss_mb"] >= measured["rss_loaded_mb"] > 0
+
+
+def hold_a_large_tensor(megabytes: int, seconds: float) -> float:
+    held = torch.ones(megabytes * 2**20 // 4)  # written, so resident
+    time.sleep(seconds)
+    return float(held[-1])
+
+
+def test_peak_tracer_finds_the_function_that_holds_the_peak():
+    baseline = current_rss_mb()
+    with PeakTracer(interval=0.005) as tracer:
+        torch.ones(2**20).sum()  # a small, short allocation before the large one
+        hold_a_large_tensor(200, seconds=0.3)
+    peak = tracer.records[-1]
+    assert peak["rss_mb"] >= baseline + 150
+    assert peak["stack"][-1].split()[-1] == "hold_a_large_tensor"  # the innermost Python frame
+    rss = [record["rss_mb"] for record in tracer.records]
+    assert rss == sorted(rss) and len(set(rss)) == len(rss)
+
+
+def test_cost_child_mode_traces_the_peak_on_request(workspace, tmp_path):
+    result = tmp_path / "one.json"
+    one = ["--one", "--method", "magnitude", "--num-tokens", "50", "--result", str(result), "--trace-peak"]
+    cost.main(common_args(workspace) + one)
+    trace = json.loads(result.read_text())["peak_trace"]
+    assert 1 <= len(trace) <= cost.TRACE_RECORDS
+    assert all(record["stack"] and record["rss_mb"] > 0 for record in trace)
 
 
 def test_every_method_has_a_label():

@@ -114,15 +114,20 @@ def test_eval_prints_accuracy_as_json(model_dir, data_csv, tmp_path, capsys):
     assert metrics["flops_kept"] == read_meta(out)["record"]["flops_kept"] <= budget_limit(0.6)
 
 
-@pytest.mark.parametrize(("knowledge_tokens", "rescore"), [(60, "layer"), ("all", "sublayer")])
-def test_the_knowledge_options_reach_the_record(model_dir, data_csv, tmp_path, knowledge_tokens, rescore):
+@pytest.mark.parametrize(
+    ("knowledge_tokens", "rescore", "precision"), [(60, "layer", "bfloat16"), ("all", "sublayer", "float32")]
+)
+def test_the_knowledge_options_reach_the_record(
+    model_dir, data_csv, tmp_path, knowledge_tokens, rescore, precision
+):
     out = tmp_path / "pruned"
     options = ["--flops-keep", "0.5", "--knowledge-tokens", str(knowledge_tokens), "--rescore", rescore]
-    assert main(prune_args(model_dir, data_csv, out, *options, "--micro-batch-tokens", "16", "--quiet")) == 0
+    options += ["--knowledge-precision", precision, "--micro-batch-tokens", "16", "--quiet"]
+    assert main(prune_args(model_dir, data_csv, out, *options)) == 0
     record = read_meta(out)["record"]
     config = record["config"]
     assert config["knowledge_tokens"] == knowledge_tokens and config["micro_batch_tokens"] == 16
-    assert config["rescore"] == rescore
+    assert config["rescore"] == rescore and config["knowledge_precision"] == precision
     measured = [step["knowledge_measured"] for step in record["steps"]]
     if rescore == "layer":
         assert measured == [True, False] * (len(measured) // 2)  # each layer's FFN reused its attention's

@@ -342,3 +342,30 @@ def test_micro_batches_cover_every_row_once_within_the_token_bound():
             (part.stop - part.start) * length <= max_tokens or part.stop - part.start == 1 for part in slices
         )
     assert len(micro_batches(10, 7, 20)) == 5 and len(micro_batches(32, 16, 512)) == 1
+
+
+def test_bfloat16_products_approximate_the_float32_knowledge():
+    """precision="bfloat16" runs the products in bfloat16 (the figures differ) and keeps every figure within
+    bfloat16 round-off of float32's; the sums stay float64."""
+    model = tiny_model("bert", "classification", num_labels=3)
+    sample = tiny_sample(num=8)
+    with torch.no_grad():
+        noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+        teacher = model_logits(model, sample) + 0.3 * noise
+        hidden = encoder_input(model, sample)
+
+    def knowledge(precision):
+        return measure_knowledge(
+            model, sublayers(model), [hidden], [sample["attention_mask"]], [teacher], "classification", T,
+            precision=precision,
+        )  # fmt: skip
+
+    exact, approximate = knowledge("float32"), knowledge("bfloat16")
+    for full, low in zip(exact, approximate, strict=True):
+        for term in ("predictive", "representational"):
+            value, reference = getattr(low, term), getattr(full, term)
+            assert value.dtype == torch.float64 and reference.abs().max() > 0
+            assert not torch.equal(value, reference)
+            assert (value - reference).norm() <= 0.05 * reference.norm()
+    with pytest.raises(ValueError, match="precision"):
+        knowledge("float16")

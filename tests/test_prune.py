@@ -17,12 +17,12 @@ from kprune.iterate import (
     iterate,
     knowledge_batches,
     reads_first_token_only,
-    tuning_rows,
 )
 from kprune.knowledge import measure_knowledge
 from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
+from kprune.tune import tuning_rows
 
 
 def run(model, sample, flops_keep, **options):

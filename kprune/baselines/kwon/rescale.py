@@ -15,7 +15,13 @@ from kprune.config import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
 from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
-from kprune.tune import EXACT_RELATIVE_ERROR, LeastSquaresStats, ridged, solve_normal_equations
+from kprune.tune import (
+    EXACT_RELATIVE_ERROR,
+    LeastSquaresStats,
+    ridged,
+    solve_normal_equations,
+    tuning_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -274,9 +280,6 @@ def _add_scale_rows(
     """One batch's rows of the normal equations: its real tokens ([CLS] only if cls_only), the student's
     features of the kept units against the target's residual minus the student's input and the bias."""
     bias = sub.output.bias if sub.output.bias is not None else 0.0
-    rows = attention_mask.bool()
-    if cls_only:
-        rows = torch.zeros_like(rows)
-        rows[:, 0] = True
+    rows = tuning_rows(attention_mask, cls_only)
     features = sub.features(hidden, attention_mask)[:, :, kept.to(hidden.device)]
     stats.add(features[rows], (residual - hidden - bias)[rows])
