@@ -79,6 +79,10 @@ METHODS: dict[str, Method] = {
     "kprune-paper+first-token": Method(
         "paper + first-token last layer (2)", _kprune(preset=PAPER, head_positions=True)
     ),
+    "kprune-paper+head": Method(
+        "paper + head tuning (4)",
+        _kprune(preset=PAPER, tune_head=True, check_fraction=PRESETS[DEFAULT]["check_fraction"]),
+    ),
     "kprune-paper+scales": Method(
         "paper + mean knowledge scales (3)",
         _kprune(preset=PAPER, knowledge_scale="mean", lam_rep=PRESETS[DEFAULT]["lam_rep"]),
@@ -94,6 +98,9 @@ METHODS: dict[str, Method] = {
     "kprune-raw-scales": Method(
         "default without mean knowledge scales (-3)",
         _kprune(knowledge_scale=PRESETS[PAPER]["knowledge_scale"], lam_rep=PRESETS[PAPER]["lam_rep"]),
+    ),
+    "kprune-no-head": Method(
+        "default without head tuning (-4)", _kprune(tune_head=PRESETS[PAPER]["tune_head"])
     ),
     "kwon": Method(
         "Kwon et al. (Mask-Tuning)", lambda t, s, y, k: kwon_prune(t, s, k, labels=y, device=DEVICE)

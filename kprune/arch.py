@@ -41,6 +41,8 @@ class Family:
     ffn_down: str
     ffn_norm: str
     classify: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # final hidden states -> logits
+    # The classification head's first linear map, which reads the first token's final hidden state.
+    head_input: Callable[[nn.Module], nn.Linear]
 
 
 def _bert_classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,18 @@ def _head_module_classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 
 def _distilbert_classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(torch.relu(model.pre_classifier(hidden[:, 0])))
+
+
+def _bert_head_input(model: nn.Module) -> nn.Linear:
+    return model.base_model.pooler.dense
+
+
+def _head_module_input(model: nn.Module) -> nn.Linear:
+    return model.classifier.dense
+
+
+def _distilbert_head_input(model: nn.Module) -> nn.Linear:
+    return model.pre_classifier
 
 
 _BERT_LIKE = dict(
@@ -71,10 +85,12 @@ _BERT_LIKE = dict(
 )
 
 FAMILIES: dict[str, Family] = {
-    "bert": Family("bert", classify=_bert_classify, **_BERT_LIKE),
-    "roberta": Family("roberta", classify=_head_module_classify, **_BERT_LIKE),
-    "xlm-roberta": Family("xlm-roberta", classify=_head_module_classify, **_BERT_LIKE),
-    "electra": Family("electra", classify=_head_module_classify, **_BERT_LIKE),
+    "bert": Family("bert", classify=_bert_classify, head_input=_bert_head_input, **_BERT_LIKE),
+    "roberta": Family("roberta", classify=_head_module_classify, head_input=_head_module_input, **_BERT_LIKE),
+    "xlm-roberta": Family(
+        "xlm-roberta", classify=_head_module_classify, head_input=_head_module_input, **_BERT_LIKE
+    ),
+    "electra": Family("electra", classify=_head_module_classify, head_input=_head_module_input, **_BERT_LIKE),
     "distilbert": Family(
         "distilbert",
         layers="transformer.layer",
@@ -89,6 +105,7 @@ FAMILIES: dict[str, Family] = {
         ffn_down="ffn.lin2",
         ffn_norm="output_layer_norm",
         classify=_distilbert_classify,
+        head_input=_distilbert_head_input,
     ),
 }
 
@@ -140,6 +157,15 @@ def task_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if task_of(model) == QUESTION_ANSWERING:
         return model.qa_outputs(hidden)
     return family_of(model).classify(model, hidden)
+
+
+def head_input_map(model: nn.Module) -> nn.Linear:
+    """The head's first linear map, the one that reads the encoder's last hidden states: the pooler's or
+    classification head's dense map at the first token (BERT's pooler, RoBERTa's classifier.dense,
+    DistilBERT's pre_classifier), or QA's qa_outputs at every token."""
+    if task_of(model) == QUESTION_ANSWERING:
+        return model.qa_outputs
+    return family_of(model).head_input(model)
 
 
 class _EncoderInputCaptured(Exception):

@@ -40,11 +40,13 @@ PRESETS: dict[str, dict] = {
         knowledge_scale=RAW_SCALE,
         head_positions=False,
         check_fraction=0.0,
+        tune_head=False,
         rescore=SUBLAYER_RESCORE,
         knowledge_tokens=ALL_TOKENS,
     ),
     # The improved algorithm: knowledge terms on comparable scales (lam_rep a relative weight), the last
-    # layer scored and tuned where the head reads it, tuning that is checked on held-out sequences; and,
+    # layer scored and tuned where the head reads it, tuning that is checked on held-out sequences (the
+    # head's first linear map included); and,
     # for speed, knowledge re-scored once per layer on about 25k tokens of the sample (the least squares
     # use all of it): 0.3x the time at the exact measurement's accuracy on two teachers (README, Accuracy).
     DEFAULT: dict(
@@ -53,6 +55,7 @@ PRESETS: dict[str, dict] = {
         knowledge_scale=MEAN_SCALE,
         head_positions=True,
         check_fraction=0.2,
+        tune_head=True,
         rescore=LAYER_RESCORE,
         knowledge_tokens=25_000,
     ),
@@ -69,8 +72,8 @@ class KPruneConfig:
     seq_len: average tokens per sequence used by the FLOPs model; None: the mean real length of the
         calibration sample, the default of every entry point (see kprune.sample.resolve_seq_len).
     preset: "default" (the improved algorithm) or "paper" (the published one); it sets lam_rep, mu,
-        knowledge_scale, head_positions, check_fraction, rescore and knowledge_tokens wherever they are
-        left None (see PRESETS).
+        knowledge_scale, head_positions, check_fraction, tune_head, rescore and knowledge_tokens wherever
+        they are left None (see PRESETS).
     lam_pred, lam_rep: weights of predictive and representational knowledge (paper: 1, 2.5e-4 on raw
         scales). With knowledge_scale "mean" each term is first divided by its mean over the candidate units,
         so lam_rep is the representational term's weight relative to the predictive one (1: as much).
@@ -90,6 +93,10 @@ class KPruneConfig:
         whole sample, or the weight stays as it is when that is better (kprune.tune.solve_towards_current).
         0: the paper's tuning, every token, a ridge of ``ridge`` towards zero.
     tune_strengths: the relative ridge strengths tried (times the mean diagonal of the Gram matrix).
+    tune_head: after the last sublayer, refit the head's first linear map (BERT's pooler, RoBERTa's
+        classifier.dense, DistilBERT's pre_classifier; QA's qa_outputs), weight and bias, to the teacher's
+        output of that map on the positions the head reads, checked like the sublayers' tuning (it needs
+        check_fraction > 0 and tune_weights); the rest of the head reads that map's output unchanged.
     ridge: relative ridge of the paper's least squares (times the mean diagonal of the Gram matrix).
     projections: random projections per example for the Fisher of QA and of classifiers with more than
         projections + 1 classes (exact otherwise).
@@ -123,6 +130,7 @@ class KPruneConfig:
     temperature: float = 2.0
     tune_weights: bool = True
     check_fraction: float | None = None
+    tune_head: bool | None = None
     tune_strengths: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     ridge: float = 1e-4
     projections: int = 8
@@ -158,7 +166,8 @@ class KPruneConfig:
             )
         if self.seq_len is not None and self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-        object.__setattr__(self, "head_positions", bool(self.head_positions))
+        for name in ("head_positions", "tune_head"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
         for name in ("lam_pred", "lam_rep", "mu", "ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

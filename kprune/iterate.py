@@ -8,7 +8,9 @@ For sublayer t = 0 .. 2L-1, bottom-up:
     weight    = tune(t, keep)         least-squares output projection against the teacher's residual sum
     prune(t, keep, weight)            physical removal; the FLOPs kept leave the budget
     advance(t)                        the student's hidden states move on to sublayer t+1, in place
-                                      (not after the last sublayer: nothing reads its output)
+                                      (after the last sublayer only for the head's tuning)
+
+and then, with tune_head, the head's first linear map is refitted to the teacher's output of it.
 
 Two objects plug into the loop. A ``TeacherSide`` gives the teacher's soft labels, the encoder input and,
 sublayer by sublayer, the tuning targets one batch at a time: ``TeacherStream`` computes them as the loop
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
+from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, head_input_map, task_of
 from kprune.config import ALL_TOKENS, SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
@@ -67,14 +69,16 @@ HiddenStates = list[torch.Tensor] | OffloadedStates  # one (B, S, d) tensor per 
 
 class TeacherSide(Protocol):
     """What the loop needs of the teacher: its soft labels (per batch; only those of ``knowledge_batches``
-    are read), the hidden states entering layer 0 (per batch) and, at sublayer t, its pre-LayerNorm
-    residual sums (the tuning targets) batch by batch."""
+    are read), the hidden states entering layer 0 (per batch), at sublayer t its pre-LayerNorm residual
+    sums (the tuning targets) batch by batch, and, for the head's tuning, its last hidden states."""
 
     logits: Sequence[torch.Tensor | None]
 
     def encoder_input(self) -> Iterable[torch.Tensor]: ...
 
     def targets(self, t: int) -> Iterable[torch.Tensor]: ...
+
+    def final_hidden(self) -> Iterable[torch.Tensor]: ...
 
 
 class TeacherStream:
@@ -124,6 +128,14 @@ class TeacherStream:
                     yield target
             self.sublayer += 1
 
+    def final_hidden(self) -> Iterator[torch.Tensor]:
+        """The teacher's last hidden states, batch by batch (sublayers not yet read are passed through)."""
+        total = len(sublayers(self.teacher))
+        if self.sublayer < total:
+            for _ in self.targets(total - 1):
+                pass
+        return iter(self.hidden)
+
 
 # ---------------------------------------------------------------- where the steps' results live
 
@@ -155,6 +167,10 @@ class StepStore:
 
     def finish(self, t: int, record: StepRecord, keep: torch.Tensor, weight: torch.Tensor | None) -> None:
         """Sublayer t is pruned: the mark of a finished iteration."""
+
+    def head(self, tune: Callable[[], tuple[torch.Tensor, TuneReport]]) -> tuple[torch.Tensor, TuneReport]:
+        """The head's tuned first linear map as [weight | bias], after the last iteration."""
+        return tune()
 
 
 # ---------------------------------------------------------------- the steps
@@ -262,6 +278,14 @@ def search(
     return keep[: subs[0].num_units]
 
 
+def check_part(batches: Batches, config: KPruneConfig) -> torch.Tensor:
+    """Bool (sequences,): the sample's sequences held out to check the tuning (none without a check part)."""
+    num_sequences = sum(len(batch["attention_mask"]) for batch in batches)
+    if config.check_fraction > 0 and num_sequences > 1:
+        return check_sequences(num_sequences, config.check_fraction, config.seed)
+    return torch.zeros(num_sequences, dtype=torch.bool)
+
+
 @torch.no_grad()
 def tune(
     student: nn.Module,
@@ -287,12 +311,7 @@ def tune(
     first_token_only = reads_first_token_only(student, t, config)
     fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
     check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
-    num_sequences = sum(len(batch["attention_mask"]) for batch in batches)
-    in_check = (
-        check_sequences(num_sequences, config.check_fraction, config.seed)
-        if config.check_fraction > 0 and num_sequences > 1
-        else torch.zeros(num_sequences, dtype=torch.bool)
-    ).to(device)
+    in_check = check_part(batches, config).to(device)
     start = 0
     for hidden, batch, target in zip(student_hidden, batches, targets, strict=True):
         rows = tuning_rows(batch["attention_mask"], first_token_only)
@@ -314,6 +333,49 @@ def tune(
     if config.check_fraction > 0:
         return solve_towards_current(fit, check, current, config.tune_strengths)
     return solve_output_projection(fit, current, ridge=config.ridge)
+
+
+@torch.no_grad()
+def tune_head(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_hidden: HiddenStates,
+    teacher_hidden: Callable[[], Iterable[torch.Tensor]],
+    batches: Batches,
+    config: KPruneConfig,
+) -> tuple[torch.Tensor, TuneReport]:
+    """The head's first linear map refitted, as [weight | bias] (out, d + 1): its inputs are the pruned
+    student's last hidden states, its targets the teacher's output of the same map on the teacher's last
+    hidden states, on the rows the head reads (each sequence's first token; every token for QA); the
+    strength is chosen on the check sequences (kprune.tune.solve_towards_current). teacher_hidden gives
+    the teacher's last hidden states, called only here (a persisted head never reads them)."""
+    student_map, teacher_map = head_input_map(student), head_input_map(teacher)
+    device = student_map.weight.device
+    width = student_map.in_features + 1  # the bias is the weight of a constant feature
+    fit = LeastSquaresStats(width, student_map.out_features, device=device)
+    check = LeastSquaresStats(width, student_map.out_features, device=device)
+    in_check = check_part(batches, config).to(device)
+    first_token_only = task_of(student) != QUESTION_ANSWERING
+    start = 0
+    for hidden, teacher_last, batch in zip(student_hidden, teacher_hidden(), batches, strict=True):
+        rows = tuning_rows(batch["attention_mask"], first_token_only)
+        checked = in_check[start : start + len(rows), None]
+        start += len(rows)
+        for stats, part in ((fit, rows & ~checked), (check, rows & checked)):
+            inputs = hidden[part]
+            features = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1)
+            stats.add(features, teacher_map(teacher_last[part]))
+    weight = student_map.weight
+    bias = student_map.bias if student_map.bias is not None else weight.new_zeros(len(weight))
+    current = torch.cat([weight, bias[:, None]], dim=1)
+    return solve_towards_current(fit, check, current, config.tune_strengths)
+
+
+def set_head(model: nn.Module, weight: torch.Tensor) -> None:
+    """Give the head's first linear map a tuned [weight | bias]: new parameters, the teacher's stay."""
+    head = head_input_map(model)
+    head.weight = nn.Parameter(weight[:, :-1].contiguous(), requires_grad=False)
+    head.bias = nn.Parameter(weight[:, -1].contiguous(), requires_grad=False)
 
 
 @torch.no_grad()
@@ -432,10 +494,11 @@ def iterate(
     budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)
     hidden = hidden_states(teacher_side.encoder_input(), offload)
 
+    tunes_head = config.tune_head and config.tune_weights
     steps = []
     for record, keep, weight in store.finished():
         Sublayer(student, record.sublayer).keep_units(keep, weight)
-        if record.sublayer < total - 1:  # nothing reads the last sublayer's output
+        if record.sublayer < total - 1 or tunes_head:  # the last one's output is read by the head's tuning
             advance(student, record.sublayer, hidden, batches)
         steps.append(record)
     if steps:
@@ -456,7 +519,7 @@ def iterate(
         knowledge = store.knowledge(t, obtain)
         keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
         targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
-        last = t == total - 1  # nothing reads its output: no advance
+        last = t == total - 1 and not tunes_head  # nothing reads its output: no advance
         # Offloaded (on the CPU), the tuning's features wait in a file for the advance, which then skips
         # recomputing them; in an accelerator's memory they would be one more whole-sample copy.
         kept_features = OffloadedStates() if offload and not last else None
@@ -491,6 +554,20 @@ def iterate(
         if on_step is not None:
             on_step(record)
     bar.close()
+    head_report = None
+    if tunes_head:
+        tune_the_head = functools.partial(
+            tune_head, student, teacher, hidden, teacher_side.final_hidden, batches, config
+        )
+        head_weight, head_report = store.head(tune_the_head)
+        if head_report.strength is not None:  # None: the head's own weights were better on the check part
+            set_head(student, head_weight)
+        logger.info(
+            "head's first linear map: relative error %.4g -> %.4g (strength %s)",
+            head_report.relative_error_before,
+            head_report.relative_error_after,
+            head_report.strength,
+        )
     own_parameters(student, teacher)
     record = build_record(
         teacher,
@@ -501,6 +578,7 @@ def iterate(
         budget_flops,
         steps,
         time.perf_counter() - started,
+        head_report,
     )
     logger.info(
         "K-prune kept %.1f%% of FLOPs (budget %.1f%%) in %.1fs",

@@ -14,6 +14,7 @@ from torch import nn
 
 from kprune.arch import family_of, task_of
 from kprune.sublayer import encoder_flops_of
+from kprune.tune import TuneReport
 
 
 @dataclass
@@ -62,6 +63,8 @@ class PruneRecord:
     neurons: list[list[int]]  # kept neuron indices per layer
     steps: list[StepRecord] = field(default_factory=list)
     seconds: float = 0.0
+    # The head's tuning (kprune.tune.TuneReport's fields; None: not tuned).
+    head_tuning: dict | None = None
 
     @property
     def flops_kept(self) -> float:
@@ -93,6 +96,7 @@ def build_record(
     budget_flops: float,
     steps: list[StepRecord],
     seconds: float,
+    head_tuning: TuneReport | None = None,
 ) -> PruneRecord:
     """The record of a finished run, from its steps (one per sublayer, bottom-up); ``config`` holds the
     hyperparameters (a baseline's names its method)."""
@@ -111,4 +115,5 @@ def build_record(
         neurons=[step.kept_units for step in steps[1::2]],
         steps=list(steps),
         seconds=seconds,
+        head_tuning=None if head_tuning is None else asdict(head_tuning),
     )

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.io import load_pruned
-from kprune.iterate import StepStore, TeacherStream, iterate
+from kprune.iterate import StepStore, TeacherStream, iterate, set_head
 from kprune.knowledge import Knowledge
 from kprune.models import load_model, model_batch, resolve_device
 from kprune.record import PruneRecord, StepRecord
@@ -68,6 +68,7 @@ ITERATION_FORMAT = 5  # 4: the default's step records (tuning strength, check er
 # An iteration's files in the order they are computed (each from the ones before), and its record.
 STEP_FILES = ("knowledge.safetensors", "mask.json", "weight.safetensors")
 STEP_RECORD = "step.json"
+HEAD = "head"  # the fingerprint's step name of the head's tuning, after the last iteration
 
 step = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 Batches = list[dict[str, torch.Tensor]]
@@ -150,11 +151,11 @@ def write_targets(stream: TeacherStream, t: int, batches: Batches, calibration: 
 class CalibrationFiles:
     """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
 
-    def __init__(self, batches: Batches, task_kind: str, device: torch.device, calibration: Path):
+    def __init__(self, teacher: nn.Module, batches: Batches, device: torch.device, calibration: Path):
         self.masks = [mask.cpu() for mask in token_masks(batches)]
-        self.device, self.calibration = device, calibration
+        self.teacher, self.device, self.calibration = teacher, device, calibration
         self.logits = store.read_tokens(
-            calibration / "teacher_logits.arrow", logit_masks(task_kind, batches), device
+            calibration / "teacher_logits.arrow", logit_masks(task_of(teacher), batches), device
         )
 
     def encoder_input(self) -> Iterator[torch.Tensor]:
@@ -162,6 +163,12 @@ class CalibrationFiles:
 
     def targets(self, t: int) -> Iterator[torch.Tensor]:
         return store.iter_tokens(self.calibration / f"targets_{t:02d}.arrow", self.masks, self.device)
+
+    @torch.no_grad()
+    def final_hidden(self) -> Iterator[torch.Tensor]:
+        """The last sublayer's targets through its LayerNorm: the teacher's last hidden states."""
+        last = Sublayer(self.teacher, len(sublayers(self.teacher)) - 1)
+        return (last.layer_norm(target) for target in self.targets(last.index))
 
 
 # ---------------------------------------------------------------- prune: persisted iteration files
@@ -227,11 +234,24 @@ def load_decision(t: int, iterations: Path) -> tuple[torch.Tensor, torch.Tensor 
     return keep, weights.get("weight")
 
 
+def head_path(iterations: Path) -> Path:
+    return iterations / "head.safetensors"
+
+
+def load_head(path: Path) -> tuple[torch.Tensor, TuneReport]:
+    return load_file(str(path))["weight"], TuneReport(**safetensors_metadata(path)["report"])
+
+
 def apply_iterations(model: nn.Module, count: int, iterations: Path) -> nn.Module:
-    """Prune sublayers 0..count-1 of ``model`` in place, as the persisted iterations decided."""
+    """Prune sublayers 0..count-1 of ``model`` in place, as the persisted iterations decided, and, after
+    the last, give its head the tuned weights when the run tuned them."""
     for t in range(count):
         keep, weight = load_decision(t, iterations)
         Sublayer(model, t).keep_units(keep, weight)
+    if count == len(sublayers(model)) and head_path(iterations).is_file():
+        weight, report = load_head(head_path(iterations))
+        if report.strength is not None:
+            set_head(model, weight)
     return model
 
 
@@ -253,14 +273,14 @@ class IterationFiles(StepStore):
     def __init__(self, run_key: str, total: int, iterations: Path):
         self.run_key, self.total, self.iterations = run_key, total, iterations
 
-    def key(self, t: int) -> str:
+    def key(self, t: int | str) -> str:
         return store.fingerprint(self.run_key, t)
 
     def finished(self) -> list[tuple[StepRecord, torch.Tensor, torch.Tensor | None]]:
         """The leading finished iterations of this run whose files all match step.json. Deletes the files
         of other runs, a damaged file and every file computed after it, and every iteration after the
         first unfinished one."""
-        keys = {self.key(t) for t in range(self.total)}
+        keys = {self.key(t) for t in [*range(self.total), HEAD]}
         folder = self.iterations
         for path in sorted(folder.glob("**/*")) if folder.exists() else []:
             if path.is_file() and (key := stored_fingerprint(path)) not in keys:
@@ -313,6 +333,9 @@ class IterationFiles(StepStore):
     def finish(self, t, record, keep, weight) -> None:
         finish_task(t, self.key(t), record, self.iterations)
 
+    def head(self, tune):
+        return head_task(self.key(HEAD), tune, self.iterations)
+
 
 def read_knowledge(path: Path, t: int) -> list[Knowledge]:
     """The knowledge of sublayers t, t+1, ... that iteration t wrote to ``path``."""
@@ -364,6 +387,16 @@ def tune_task(t: int, key: str, tune, iterations: Path) -> tuple[torch.Tensor | 
     return weight, report
 
 
+@step(name="tune head")
+def head_task(key: str, tune, iterations: Path) -> tuple[torch.Tensor, TuneReport]:
+    path = head_path(iterations)
+    if stored_fingerprint(path) == key:
+        return load_head(path)
+    weight, report = tune()
+    _save_tensors(path, {"weight": weight}, key, report=dataclasses.asdict(report))
+    return weight, report
+
+
 @step(name="prune sublayer")
 def finish_task(t: int, key: str, record: StepRecord, iterations: Path) -> None:
     """Writes step.json, the mark of a finished iteration (the loop has pruned the sublayer), with the size
@@ -394,7 +427,7 @@ def prune_flow(
         teacher,
         batches,
         config,
-        teacher_side=CalibrationFiles(batches, task_of(teacher), device, folders.calibration),
+        teacher_side=CalibrationFiles(teacher, batches, device, folders.calibration),
         store=IterationFiles(
             prune_run_key(config, folders.calibration), len(sublayers(teacher)), folders.iterations
         ),

@@ -8,7 +8,7 @@ import torch
 from tiny import FAMILIES, model_inputs, tiny_model, tiny_sample
 
 import kprune
-from kprune.arch import ATTENTION, encoder_input
+from kprune.arch import ATTENTION, encoder_input, head_input_map
 from kprune.config import KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.iterate import (
@@ -17,6 +17,7 @@ from kprune.iterate import (
     iterate,
     knowledge_batches,
     reads_first_token_only,
+    tune_head,
 )
 from kprune.knowledge import measure_knowledge
 from kprune.models import model_logits
@@ -178,8 +179,7 @@ def test_offloaded_hidden_states_give_the_same_model(family):
 
 def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
     """Offloaded, the advance reuses the features the tuning computed (no Sublayer.features call inside
-    it); in RAM it computes them, one call per batch and step but the last (nothing reads its output).
-    The same model either way."""
+    it); in RAM it computes them, one call per batch and step. The same model either way."""
     teacher = tiny_model("bert")
     sample = model_inputs(teacher, tiny_sample())
     batches = make_batches(sample, 8)
@@ -204,7 +204,8 @@ def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
     for offload in (False, True):
         calls.clear()
         results[offload] = run(teacher, sample, 0.4, offload=offload, batch_size=8)
-        recomputed = [] if offload else [t for t in range(len(sublayers(teacher)) - 1) for _ in batches]
+        # The last sublayer's output too: the head's tuning (on by default) reads it.
+        recomputed = [] if offload else [t for t in range(len(sublayers(teacher))) for _ in batches]
         assert calls == recomputed
     for name, value in results[False].model.state_dict().items():
         assert torch.equal(results[True].model.state_dict()[name], value), name
@@ -472,3 +473,54 @@ def test_knowledge_tokens_is_a_positive_integer_or_all():
 def test_an_unknown_rescore_is_one_clear_error():
     with pytest.raises(ValueError, match=r"rescore must be one of \('sublayer', 'layer'\)"):
         KPruneConfig(0.5, rescore="step")
+
+
+HEAD_CASES = [("bert", "classification"), ("roberta", "classification"), ("distilbert", "classification")]
+
+
+@pytest.mark.parametrize("family,task", [*HEAD_CASES, ("bert", "qa")])
+def test_the_head_refit_undoes_a_linear_distortion_of_the_rows_the_head_reads(family, task):
+    """The student's last hidden states are the teacher's through an invertible map A on the rows its head
+    reads (first tokens; every real token for QA) and noise elsewhere: the refitted first linear map of the
+    head is the teacher's composed with A^-1 (rows: s = t A, so W' = W A^-T), the teacher's bias, and the
+    check part's error vanishes."""
+    teacher = tiny_model(family, task)
+    width = teacher.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(15):  # 120 sequences: more first-token rows to fit than the map has weights
+        mask = torch.ones(8, 6, dtype=torch.long)
+        mask[:, 4:] = torch.rand(8, 2, generator=generator) < 0.5
+        batches.append({"attention_mask": mask})
+    distortion = torch.eye(width) + 0.3 * torch.randn(width, width, generator=generator)
+    teacher_hidden = [torch.randn(8, 6, width, generator=generator) for _ in batches]
+    read = [tuning_rows(batch["attention_mask"], task != "qa") for batch in batches]
+    noise = [100 * torch.randn(hidden.shape, generator=generator) for hidden in teacher_hidden]
+    student_hidden = [
+        torch.where(rows[..., None], hidden @ distortion, garbage)
+        for hidden, rows, garbage in zip(teacher_hidden, read, noise, strict=True)
+    ]
+    config = KPruneConfig(flops_keep=0.5, tune_strengths=(1e-9, 1.0))
+    student = copy.deepcopy(teacher)
+    weight, report = tune_head(
+        student, teacher, student_hidden, lambda: iter(teacher_hidden), batches, config
+    )
+    head = head_input_map(teacher)
+    expected = head.weight.detach() @ torch.linalg.inv(distortion).T
+    torch.testing.assert_close(weight[:, :-1], expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(weight[:, -1], head.bias.detach(), atol=2e-3, rtol=2e-3)
+    assert report.strength == 1e-9
+    assert report.check_error_after < 1e-4 * report.check_error_before  # float32 round-off
+
+
+def test_the_head_tuning_is_in_the_record_and_the_paper_preset_leaves_the_head_alone():
+    teacher = tiny_model("bert")
+    sample = model_inputs(teacher, tiny_sample())
+    tuned = run(teacher, sample, 0.3)
+    paper = run(teacher, sample, 0.3, preset="paper")
+    report = tuned.record.head_tuning
+    assert report["check_error_after"] <= report["check_error_before"]
+    head = head_input_map(tuned.model)
+    assert (report["strength"] is None) == torch.equal(head.weight, head_input_map(teacher).weight)
+    assert paper.record.head_tuning is None
+    assert torch.equal(head_input_map(paper.model).weight, head_input_map(teacher).weight)
