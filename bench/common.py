@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from kprune.config import (
     SUBLAYER_RESCORE,
 )
 from kprune.data import seeded_rows
+from kprune.memory import current_rss_mb
 from kprune.models import load_model
 from kprune.record import PruneResult
 from kprune.sample import MODEL_INPUTS
@@ -343,27 +343,6 @@ def machine_line(info: dict) -> str:
         f"{info['cpu']}, {info['cores_available']} of {info['cores']} cores, {info['torch_threads']} torch "
         f"threads, {info['memory_gb']} GB RAM, torch {info['torch']}, commit {info['kprune_commit']}"
     )
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far: the larger of VmHWM and ru_maxrss (KiB on Linux;
-    ru_maxrss can trail the current RSS by a little, as the kernel updates it lazily)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(peak, _status_mb("VmHWM") or 0.0, _status_mb("VmRSS") or 0.0)
-
-
-def current_rss_mb() -> float | None:
-    return _status_mb("VmRSS")
 
 
 class PeakTracer:

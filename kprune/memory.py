@@ -1,5 +1,6 @@
 """Memory of a prune: where the loop keeps whole-sample hidden states (one (B, S, d) tensor per batch),
-and the allocator setting that keeps freed memory from piling up.
+the allocator setting that keeps freed memory from piling up, and the process's resident memory as the
+pipeline and the benchmarks report it.
 
 K-prune carries two whole-sample states from sublayer to sublayer, the student's input and the teacher's.
 In memory they are a list of tensors. Offloaded, they live in an unlinked temporary file that is read and
@@ -13,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -154,3 +157,27 @@ def configure_cpu_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status in MB (None without /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident memory now, in MB (None without /proc)."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB: the larger of ru_maxrss (kB on Linux, bytes on
+    macOS) and, on Linux, VmHWM and the current VmRSS (ru_maxrss can trail the current RSS a little: the
+    kernel updates it lazily)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return max(peak, _status_mb("VmHWM") or 0.0, _status_mb("VmRSS") or 0.0)

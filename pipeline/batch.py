@@ -157,10 +157,10 @@ def prune_task(
     prepared: dict, teacher: dict, calibration: dict | None, job: Job, budget: float, root: str, threads
 ) -> dict:
     from kprune.io import save_pruned
+    from kprune.memory import peak_rss_mb
     from pipeline.flows import prune_flow, prune_run_key
     from pipeline.stages.export import export
     from pipeline.stages.prune import prune_config, sequence_length
-    from pipeline.tracking import peak_rss_mb
 
     folders = Folders(
         prepared=Path(prepared["folder"]),

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -155,6 +153,8 @@ def open_run(
         status = "FAILED" if run.failed else "FINISHED"
     finally:
         if log_peak:
+            from kprune.memory import peak_rss_mb  # torch: imported by the stage already, not by `--help`
+
             peak = peak_rss_mb()
             run.log_metrics({"peak_rss_mb": peak})
             logger.info("%s: peak memory %.0f MB", name, peak)
@@ -182,12 +182,6 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports kB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def stage_run(stage: str, params: Mapping | None = None):

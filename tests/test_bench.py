@@ -14,13 +14,14 @@ import torch
 from tiny import sentences, tiny_model, tiny_sample, tiny_tokenizer
 
 from kprune.arch import CLASSIFICATION
+from kprune.memory import current_rss_mb
 from kprune.squad import MAX_QUESTION_TOKENS, STRIDE
 from kprune.tasks import custom_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench import accuracy, cost, speed  # noqa: E402
-from bench.common import METHODS, PeakTracer, current_rss_mb, sample_rows  # noqa: E402
+from bench.common import METHODS, PeakTracer, sample_rows  # noqa: E402
 from pipeline.store import write_dataset, write_json, write_table  # noqa: E402
 
 
