@@ -40,7 +40,6 @@ from bench.common import (
     ROOT,
     PeakTracer,
     add_data_arguments,
-    current_rss_mb,
     draw_sample,
     floats,
     ints,
@@ -48,14 +47,13 @@ from bench.common import (
     machine,
     markdown_table,
     method_names,
-    peak_rss_mb,
     pyplot,
     sample_size,
     set_threads,
     write_json,
     write_markdown,
 )
-from kprune.memory import configure_cpu_memory
+from kprune.memory import configure_cpu_memory, current_rss_mb, peak_rss_mb
 
 NAME = "cost"
 TEACHER_MODEL = "teacher"

@@ -365,9 +365,7 @@ def tune_head(
             inputs = hidden[part]
             features = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1)
             stats.add(features, teacher_map(teacher_last[part]))
-    weight = student_map.weight
-    bias = student_map.bias if student_map.bias is not None else weight.new_zeros(len(weight))
-    current = torch.cat([weight, bias[:, None]], dim=1)
+    current = torch.cat([student_map.weight, student_map.bias[:, None]], dim=1)  # every family's has a bias
     return solve_towards_current(fit, check, current, config.tune_strengths)
 
 
