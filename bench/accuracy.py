@@ -542,6 +542,11 @@ def report(out: Path, payload: dict) -> str:
     methods, budgets = settings["methods"], settings["budgets"]
     labels = {name: name for name in methods}
     labels.update({run["method"]: run["label"] for run in payload["runs"]})
+    for method in methods:  # a method pooled over fewer seeds than the others says which
+        finished = [run for run in payload["runs"] if run["method"] == method and "error" not in run]
+        seeds = sorted({run["seed"] for run in finished})
+        if seeds and seeds != sorted(settings["seeds"]):
+            labels[method] += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
     note = f"{settings['sample_tokens']} sample tokens, seeds {','.join(map(str, settings['seeds']))}"
     plot(out / f"{NAME}.png", payload["teachers"], labels, note)
     sections = []

@@ -129,6 +129,9 @@ def test_accuracy_merge_pools_parallel_invocations_and_pairs_only_on_shared_seed
     summary = {entry["method"]: entry for entry in merged["teachers"][0]["summary"]}
     assert summary["kprune"]["seeds"] == [0, 1, 2] and summary["kwon"]["seeds"] == [0, 1]
     assert "accuracy_minus_kwon" not in summary["kprune"]  # Kwon et al. have no seed 2 to pair with
+    table = (tmp_path / "zero" / "accuracy.md").read_text()
+    assert "Kwon et al. (Mask-Tuning) (seeds 0, 1) |" in table  # fewer seeds than the others: named
+    assert "K-prune (default preset) |" in table
 
     pooled = accuracy.main(report + ["--seeds", "0,1"])  # from the merged JSON alone
     entry = next(e for e in pooled["teachers"][0]["summary"] if e["method"] == "kprune")
