@@ -150,6 +150,7 @@ def test_the_teacher_comes_from_the_pipeline_stages_in_the_layout_of_extra_teach
     from pipeline_project import tiny_base_model
 
     from bench.common import draw_sample, load_teacher, read_dev
+    from pipeline.store import folder_digest
     from pipeline.task import load_task, read_train, task_from_params
 
     out = tmp_path / "tweets"
@@ -168,6 +169,9 @@ def test_the_teacher_comes_from_the_pipeline_stages_in_the_layout_of_extra_teach
     assert model.config.id2label == dict(enumerate(tweets.LABELS))
     assert 0 <= figures["dev"]["accuracy"] <= 1
     assert json.loads((out / "teacher/teacher.json").read_text())["dev"] == figures["dev"]
+    digest = folder_digest(out / "teacher")
+    tweets.build_teacher(out, data, teacher)
+    assert folder_digest(out / "teacher") == digest  # fine-tuned again: the same folder, byte for byte
     _, labels = read_dev(out / "prepared")  # class ids in dev.csv's order
     names = [label for _, label in read_rows(out / "dev.csv")]
     assert labels.tolist() == [tweets.LABELS.index(name) for name in names]
