@@ -278,12 +278,15 @@ def search(
     return keep[: subs[0].num_units]
 
 
-def check_part(batches: Batches, config: KPruneConfig) -> torch.Tensor:
-    """Bool (sequences,): the sample's sequences held out to check the tuning (none without a check part)."""
-    num_sequences = sum(len(batch["attention_mask"]) for batch in batches)
-    if config.check_fraction > 0 and num_sequences > 1:
-        return check_sequences(num_sequences, config.check_fraction, config.seed)
-    return torch.zeros(num_sequences, dtype=torch.bool)
+def check_part(batches: Batches, config: KPruneConfig, device: torch.device) -> list[torch.Tensor]:
+    """Per batch, bool (B,): which of its sequences are held out to check the tuning (none without a check
+    part)."""
+    sizes = [len(batch["attention_mask"]) for batch in batches]
+    if config.check_fraction > 0 and sum(sizes) > 1:
+        held = check_sequences(sum(sizes), config.check_fraction, config.seed)
+    else:
+        held = torch.zeros(sum(sizes), dtype=torch.bool)
+    return list(held.to(device).split(sizes))
 
 
 @torch.no_grad()
@@ -311,16 +314,13 @@ def tune(
     first_token_only = reads_first_token_only(student, t, config)
     fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
     check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
-    in_check = check_part(batches, config).to(device)
-    start = 0
-    for hidden, batch, target in zip(student_hidden, batches, targets, strict=True):
+    in_check = check_part(batches, config, device)
+    for hidden, batch, target, checked in zip(student_hidden, batches, targets, in_check, strict=True):
         rows = tuning_rows(batch["attention_mask"], first_token_only)
         features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
         if kept_features is not None:
             kept_features.append(features)
         residual = target - hidden - bias
-        checked = in_check[start : start + len(rows)]
-        start += len(rows)
         if checked.any():
             check_rows = rows & checked[:, None]
             check.add(features[check_rows], residual[check_rows])
@@ -354,14 +354,12 @@ def tune_head(
     width = student_map.in_features + 1  # the bias is the weight of a constant feature
     fit = LeastSquaresStats(width, student_map.out_features, device=device)
     check = LeastSquaresStats(width, student_map.out_features, device=device)
-    in_check = check_part(batches, config).to(device)
+    in_check = check_part(batches, config, device)
     first_token_only = task_of(student) != QUESTION_ANSWERING
-    start = 0
-    for hidden, teacher_last, batch in zip(student_hidden, teacher_hidden(), batches, strict=True):
+    batches_in = zip(student_hidden, teacher_hidden(), batches, in_check, strict=True)
+    for hidden, teacher_last, batch, checked in batches_in:
         rows = tuning_rows(batch["attention_mask"], first_token_only)
-        checked = in_check[start : start + len(rows), None]
-        start += len(rows)
-        for stats, part in ((fit, rows & ~checked), (check, rows & checked)):
+        for stats, part in ((fit, rows & ~checked[:, None]), (check, rows & checked[:, None])):
             inputs = hidden[part]
             features = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1)
             stats.add(features, teacher_map(teacher_last[part]))
@@ -558,8 +556,7 @@ def iterate(
             tune_head, student, teacher, hidden, teacher_side.final_hidden, batches, config
         )
         head_weight, head_report = store.head(tune_the_head)
-        if head_report.strength is not None:  # None: the head's own weights were better on the check part
-            set_head(student, head_weight)
+        set_head(student, head_weight)  # the head's own weights when they were better on the check part
         logger.info(
             "head's first linear map: relative error %.4g -> %.4g (strength %s)",
             head_report.relative_error_before,

@@ -238,20 +238,19 @@ def head_path(iterations: Path) -> Path:
     return iterations / "head.safetensors"
 
 
-def load_head(path: Path) -> tuple[torch.Tensor, TuneReport]:
-    return load_file(str(path))["weight"], TuneReport(**safetensors_metadata(path)["report"])
+def load_tuned(path: Path) -> tuple[torch.Tensor | None, TuneReport]:
+    """A persisted tuning: its weight (None when tuning was off) and its report."""
+    return load_file(str(path)).get("weight"), TuneReport(**safetensors_metadata(path)["report"])
 
 
 def apply_iterations(model: nn.Module, count: int, iterations: Path) -> nn.Module:
     """Prune sublayers 0..count-1 of ``model`` in place, as the persisted iterations decided, and, after
-    the last, give its head the tuned weights when the run tuned them."""
+    the last, give its head the weights of the run's head tuning (its own when the check kept them)."""
     for t in range(count):
         keep, weight = load_decision(t, iterations)
         Sublayer(model, t).keep_units(keep, weight)
     if count == len(sublayers(model)) and head_path(iterations).is_file():
-        weight, report = load_head(head_path(iterations))
-        if report.strength is not None:
-            set_head(model, weight)
+        set_head(model, load_file(str(head_path(iterations)))["weight"])
     return model
 
 
@@ -375,26 +374,24 @@ def mask_task(t: int, key: str, search, iterations: Path) -> torch.Tensor:
     return keep
 
 
-@step(name="tune weights")
-def tune_task(t: int, key: str, tune, iterations: Path) -> tuple[torch.Tensor | None, TuneReport]:
-    path = iteration_dir(t, iterations) / "weight.safetensors"
+def tuned_file(path: Path, key: str, tune, kill: str) -> tuple[torch.Tensor | None, TuneReport]:
+    """A tuned weight and its report: read back if this run wrote ``path``, else tuned and written."""
     if stored_fingerprint(path) == key:
-        report = safetensors_metadata(path)["report"]
-        return load_file(str(path)).get("weight"), TuneReport(**report)
+        return load_tuned(path)
     weight, report = tune()
-    kill_point(f"prune:tune:{t}")
+    kill_point(kill)
     _save_tensors(path, {} if weight is None else {"weight": weight}, key, report=dataclasses.asdict(report))
     return weight, report
 
 
+@step(name="tune weights")
+def tune_task(t: int, key: str, tune, iterations: Path) -> tuple[torch.Tensor | None, TuneReport]:
+    return tuned_file(iteration_dir(t, iterations) / "weight.safetensors", key, tune, f"prune:tune:{t}")
+
+
 @step(name="tune head")
 def head_task(key: str, tune, iterations: Path) -> tuple[torch.Tensor, TuneReport]:
-    path = head_path(iterations)
-    if stored_fingerprint(path) == key:
-        return load_head(path)
-    weight, report = tune()
-    _save_tensors(path, {"weight": weight}, key, report=dataclasses.asdict(report))
-    return weight, report
+    return tuned_file(head_path(iterations), key, tune, f"prune:tune:{HEAD}")
 
 
 @step(name="prune sublayer")
