@@ -370,8 +370,10 @@ def tune_head(
 def set_head(model: nn.Module, weight: torch.Tensor) -> None:
     """Give the head's first linear map a tuned [weight | bias]: new parameters, the teacher's stay."""
     head = head_input_map(model)
-    head.weight = nn.Parameter(weight[:, :-1].contiguous(), requires_grad=False)
-    head.bias = nn.Parameter(weight[:, -1].contiguous(), requires_grad=False)
+    # clone, not contiguous: a one-column slice is already contiguous and would share the joint storage,
+    # which safetensors refuses to save
+    head.weight = nn.Parameter(weight[:, :-1].clone(), requires_grad=False)
+    head.bias = nn.Parameter(weight[:, -1].clone(), requires_grad=False)
 
 
 @torch.no_grad()
