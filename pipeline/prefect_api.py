@@ -53,6 +53,7 @@ from pipeline.project import quiet_environment
 STARTUP_TIMEOUT_SECONDS = 180
 SERVER_MODULE = "pipeline.prefect_api"  # in the server's command line: `ps`, and tests, find it by it
 DVC_STAGE_ENV = "DVC_STAGE"  # set by DVC for every stage command
+OWNER_ENV = "KPRUNE_DVC_OWNER"  # "pid:start" of the dvc process, in a stage forked by pipeline.warm
 
 logger = logging.getLogger("pipeline.prefect_api")
 
@@ -95,6 +96,9 @@ def dvc_process() -> tuple[int, int] | None:
     stage = os.environ.get(DVC_STAGE_ENV)
     if not stage or not Path("/proc/self/stat").is_file():
         return None
+    if OWNER_ENV in os.environ:  # a fork of the warm process, which is not dvc's descendant
+        pid, _, started = os.environ[OWNER_ENV].partition(":")
+        return int(pid), int(started)
     try:
         pid = os.getppid()
         while pid > 1:
@@ -237,6 +241,8 @@ def prefect_api(root: Path | None = None, preload: str | None = None) -> Iterato
         server, url = _spawn(root, (os.getpid(), start_time(os.getpid()) or 0))
         running, new = (lambda: server.poll() is None), True
     os.environ["PREFECT_API_URL"] = url
+    if "prefect.context" in sys.modules:  # imported before the address was known (pipeline.warm)
+        sys.modules["prefect.context"].refresh_global_settings_context()
     try:
         spent = time.monotonic() - started
         if preload:
