@@ -8,7 +8,8 @@ So the stages never leave it to Prefect; ``prefect_api()`` picks, in this order:
 - PREFECT_API_URL when it is set: a server of the user's (`prefect server start`), or the one that
   `python -m pipeline run` (`make run`) starts for its whole `dvc repro`;
 - under a bare `dvc repro` (DVC sets DVC_STAGE for every stage command): one local server for all the
-  stages of that dvc process. The first stage that needs it starts it and records its address in
+  stages of that dvc process. The run's warm process (pipeline.warm) starts it once its imports are done,
+  while the first stages work, or else the first stage that needs it; its address is recorded in
   $PREFECT_HOME/servers/; the later stages of the run find it there and reuse it at no cost. Its owner
   is the dvc process, not the stage: the server watches it (a Linux pidfd) and exits as soon as dvc
   ends, however it ends, after a failed or killed stage too;
@@ -193,7 +194,7 @@ def _records_locked() -> Iterator[Path]:
         yield folder
 
 
-def _shared_server(root: Path, owner: tuple[int, int]) -> tuple[str, Callable[[], bool], bool]:
+def shared_server(root: Path, owner: tuple[int, int]) -> tuple[str, Callable[[], bool], bool]:
     """URL of the server of dvc process ``owner``, started if it has none; whether it runs; new?"""
     with _records_locked() as folder:
         record = folder / f"{owner[0]}-{owner[1]}.json"
@@ -236,7 +237,7 @@ def prefect_api(root: Path | None = None, preload: str | None = None) -> Iterato
     owner = dvc_process()
     server = None
     if owner:
-        url, running, new = _shared_server(root, owner)
+        url, running, new = shared_server(root, owner)
     else:
         server, url = _spawn(root, (os.getpid(), start_time(os.getpid()) or 0))
         running, new = (lambda: server.poll() is None), True

@@ -36,7 +36,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline.prefect_api import OWNER_ENV, dvc_process
+from pipeline.prefect_api import OWNER_ENV, dvc_process, shared_server
 from pipeline.project import quiet_environment
 
 SWITCH_ENV = "KPRUNE_WARM"  # "0": every stage in a process of its own
@@ -195,6 +195,8 @@ def serve(argv: list[str] | None = None) -> None:
     listener.bind(_address(owner))
     listener.listen()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the supervisors are reaped by the kernel
+    if not os.environ.get("PREFECT_API_URL"):  # up by the time the first flow stage asks for it
+        shared_server(Path.cwd(), owner)
     while True:
         ready, _, _ = select.select([listener, owner_exit], [], [])
         if owner_exit in ready:
