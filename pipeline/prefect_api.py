@@ -112,7 +112,7 @@ def dvc_process() -> tuple[int, int] | None:
     return None
 
 
-def _alive(pid: int, started: int) -> bool:
+def alive(pid: int, started: int) -> bool:
     """Whether process ``pid`` started at ``started`` runs (without /proc: whether ``pid`` runs)."""
     if Path("/proc/self/stat").is_file():
         stat = _stat(pid)  # an exited process not yet reaped (state Z or X) counts as ended
@@ -189,7 +189,7 @@ def _records_locked() -> Iterator[Path]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for record in folder.glob("*.json"):
             owner, _, started = record.stem.partition("-")
-            if not _alive(int(owner), int(started)):
+            if not alive(int(owner), int(started)):
                 record.unlink(missing_ok=True)
         yield folder
 
@@ -200,8 +200,8 @@ def shared_server(root: Path, owner: tuple[int, int]) -> tuple[str, Callable[[],
         record = folder / f"{owner[0]}-{owner[1]}.json"
         if record.is_file():
             known = json.loads(record.read_text())
-            if _alive(known["pid"], known["start"]):
-                return known["url"], lambda: _alive(known["pid"], known["start"]), False
+            if alive(known["pid"], known["start"]):
+                return known["url"], lambda: alive(known["pid"], known["start"]), False
         server, url = _spawn(root, owner, record)
         record.write_text(json.dumps({"url": url, "pid": server.pid, "start": start_time(server.pid)}))
     # not reaped by this stage: once it exits it is reparented and reaped by init (or a subreaper)
@@ -280,9 +280,9 @@ def _exit_with(owner: int, owner_start: int, record: Path | None) -> None:
         handle = os.pidfd_open(owner)
     except (AttributeError, OSError):  # no pidfd (not Linux), or the owner is already gone
         handle = None
-    if handle is not None and _alive(owner, owner_start):  # the pid is still the owner's
+    if handle is not None and alive(owner, owner_start):  # the pid is still the owner's
         select.select([handle], [], [])  # readable once the process has exited
-    while _alive(owner, owner_start):
+    while alive(owner, owner_start):
         time.sleep(0.5)
     if record is not None:
         record.unlink(missing_ok=True)

@@ -32,11 +32,12 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
-from pipeline.prefect_api import OWNER_ENV, dvc_process, shared_server
+from pipeline.prefect_api import OWNER_ENV, alive, dvc_process, shared_server
 from pipeline.project import quiet_environment
 
 SWITCH_ENV = "KPRUNE_WARM"  # "0": every stage in a process of its own
@@ -174,7 +175,7 @@ def serve(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     owner = (args.owner, args.owner_start)
     owner_exit = os.pidfd_open(owner[0])
-    if not _owner_alive(owner):
+    if not alive(*owner):
         return
     # what a stage must share with this process to run in a fork of it; taken before imports add to it
     startup = {"executable": sys.executable, "cwd": os.getcwd(), "env": _comparable(dict(os.environ))}
@@ -209,12 +210,6 @@ def serve(argv: list[str] | None = None) -> None:
             run_stage_module(module)
             return
         connection.close()
-
-
-def _owner_alive(owner: tuple[int, int]) -> bool:
-    from pipeline.prefect_api import _alive
-
-    return _alive(*owner)
 
 
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
@@ -293,8 +288,6 @@ def _become_stage(request: dict, fds: list[int], client: int, owner: tuple[int, 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
     watch = os.pidfd_open(client)
-    import threading
-
     threading.Thread(target=_end_with, args=(watch,), daemon=True, name="warm-client-watch").start()
 
 
