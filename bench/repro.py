@@ -8,9 +8,8 @@ error line on a successful run.
     python -m bench.repro --runs 3             # three of each, one after the other
     python -m bench.repro --modes warm         # the default way only
 
-Cold: every stage in a process of its own (KPRUNE_WARM=0); warm: the stages forked from the run's warm
-process (pipeline.warm), which the first stage starts and waits for (it imports the libraries of every
-stage once), so the first stage's overhead carries the run's one import.
+Cold: every stage in a process of its own (KPRUNE_WARM=0); warm: the stages after the first forked from
+the run's warm process (pipeline.warm), which the first stage starts and then runs in its own process.
 
 A stage's wall time runs from DVC's "Running stage" line to the next stage's (the last: to dvc's exit);
 its own work is the MLflow run it opens once its imports are done and its Prefect server is ready, from

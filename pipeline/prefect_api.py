@@ -181,9 +181,10 @@ def _wait_until_healthy(url: str, running: Callable[[], bool]) -> None:
 
 
 @contextlib.contextmanager
-def _records_locked() -> Iterator[Path]:
-    """$PREFECT_HOME/servers/, locked against a concurrent stage; records of ended dvc runs removed."""
-    folder = _home() / "servers"
+def records_locked(kind: str = "servers") -> Iterator[Path]:
+    """$PREFECT_HOME/KIND/, where each dvc run's helper process of that kind is recorded as
+    OWNER-START.json, locked against a concurrent stage; records of ended dvc runs removed."""
+    folder = _home() / kind
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -196,7 +197,7 @@ def _records_locked() -> Iterator[Path]:
 
 def shared_server(root: Path, owner: tuple[int, int]) -> tuple[str, Callable[[], bool], bool]:
     """URL of the server of dvc process ``owner``, started if it has none; whether it runs; new?"""
-    with _records_locked() as folder:
+    with records_locked() as folder:
         record = folder / f"{owner[0]}-{owner[1]}.json"
         if record.is_file():
             known = json.loads(record.read_text())

@@ -1,10 +1,11 @@
 """One warm interpreter per `dvc repro`: every stage forks from it instead of importing its libraries anew.
 
 A stage started by DVC is a new Python process, and most of what it spends outside its own work is the
-import of torch, transformers, datasets, Prefect and MLflow (4-6 s on 2 cores, bench.repro). Under
+import of torch, transformers, datasets, Prefect and MLflow (5-8 s on 2 cores, bench.repro). Under
 `dvc repro` (DVC sets DVC_STAGE; `make run` runs one too), the first stage starts a warm process owned by
-the dvc process, as the shared Prefect server is (pipeline.prefect_api): it imports those libraries once
-and waits on a Unix socket. Each stage command then hands it its standard streams, working directory,
+the dvc process, as the shared Prefect server is (pipeline.prefect_api), and runs in its own process
+meanwhile; the warm process imports those libraries once, starts the run's Prefect server and waits on
+a Unix socket. Each later stage command hands it its standard streams, working directory,
 environment and arguments; the warm process forks, the fork runs the stage module as `python -m` would,
 and the stage command exits with the fork's status, or is ended by the signal that ended it. A Ctrl-C or
 a kill of the stage command reaches the fork; the warm process ends with the dvc process.
@@ -21,7 +22,6 @@ pidfds (not Linux), or with KPRUNE_WARM=0.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline.prefect_api import OWNER_ENV, alive, dvc_process, shared_server
+from pipeline.prefect_api import OWNER_ENV, alive, dvc_process, records_locked, shared_server, start_time
 from pipeline.project import quiet_environment
 
 SWITCH_ENV = "KPRUNE_WARM"  # "0": every stage in a process of its own
@@ -125,30 +125,32 @@ def _signal(pid: int, number: int) -> None:
 
 
 def _connect(owner: tuple[int, int]) -> socket.socket | None:
-    """A connection to the warm process of dvc process ``owner``, started if it has none; None when it
-    cannot be started."""
-    home = Path(os.environ["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "warm.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one start among concurrent stages
+    """A connection to the warm process of dvc process ``owner``; None when it has none yet (it is then
+    started, and this stage runs in its own process meanwhile) or it ended before taking connections."""
+    with records_locked("warm") as folder:  # one start among concurrent stages
         connection = _try_connect(owner)
         if connection is not None:
             return connection
-        command = [
-            sys.executable, "-m", WARM_MODULE, "--owner", str(owner[0]), "--owner-start", str(owner[1]),
-            str(Path.cwd().resolve()),
-        ]  # fmt: skip
-        with open(home / "warm.log", "ab") as log:
-            warm = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline and warm.poll() is None:
-            connection = _try_connect(owner)
-            if connection is not None:
-                return connection
-            time.sleep(0.05)
-    logger.warning("the warm process did not start (see %s): this stage imports its own", home / "warm.log")
+        record = folder / f"{owner[0]}-{owner[1]}.json"
+        known = json.loads(record.read_text()) if record.is_file() else None
+        if known is None or not alive(known["pid"], known["start"]):
+            command = [
+                sys.executable, "-m", WARM_MODULE, "--owner", str(owner[0]), "--owner-start", str(owner[1]),
+                str(Path.cwd().resolve()),
+            ]  # fmt: skip
+            with open(folder.parent / "warm.log", "ab") as log:
+                warm = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                )
+            record.write_text(json.dumps({"pid": warm.pid, "start": start_time(warm.pid)}))
+            return None
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS  # it is starting: a few seconds
+    while time.monotonic() < deadline and alive(known["pid"], known["start"]):
+        connection = _try_connect(owner)
+        if connection is not None:
+            return connection
+        time.sleep(0.05)
+    logger.warning("the warm process ended before taking stages (see %s)", folder.parent / "warm.log")
     return None
 
 

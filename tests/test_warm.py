@@ -102,8 +102,10 @@ def report(result: dict) -> dict:
 
 
 def test_a_stage_runs_in_a_fork_with_its_command_s_streams_arguments_status_and_signal(project):
-    results = run_stand_in(project, ["ok", "fail", "raise", "terminate", "edit", "ok", "kill"])
-    ok, fail, error, terminated, edited, killed = results
+    """The first stage starts the warm process and runs in its own meanwhile; the next ones fork."""
+    actions = ["ok", "ok", "fail", "raise", "terminate", "edit", "ok", "kill"]
+    starter, ok, fail, error, terminated, edited, killed = run_stand_in(project, actions)
+    assert starter["code"] == 0 and "-m pipeline.warm" not in report(starter)["parent"]  # meanwhile
     first = report(ok)
     assert "-m pipeline.warm" in first["parent"]  # forked by the warm process's supervisor
     assert first["argv"] == ["ok"] and first["cwd"] == str(project) and first["stage"] == "probe"
