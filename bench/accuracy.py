@@ -372,6 +372,7 @@ def one_run(
             neurons_per_layer=neurons,
             seq_len=result.record.seq_len,
             tune_strengths=[step.tune_strength for step in result.record.steps],  # None: not tuned
+            head_tuning=result.record.head_tuning,  # the head's strength and check errors, or None
         )
         correct = logits.argmax(-1) == truth if task_of(teacher) == CLASSIFICATION else None
         agree = None

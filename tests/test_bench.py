@@ -67,6 +67,9 @@ def test_accuracy_resume_keeps_finished_runs_and_refuses_other_settings(workspac
     args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150"]
     args[args.index("--teacher") + 1] = str(tmp_path / "teacher")
     first = accuracy.main(args + ["--methods", "kprune,kwon", "--budgets", "0.5"])
+    head = {run["method"]: run["head_tuning"] for run in first["runs"]}  # the run says what its head got
+    assert set(head["kprune"]) >= {"strength", "check_error_before", "check_error_after"}
+    assert head["kwon"] is None
     report = (tmp_path / "accuracy.md").read_text()
     for suffix in ("md", "png"):
         (tmp_path / f"accuracy.{suffix}").unlink()
