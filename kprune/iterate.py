@@ -43,7 +43,7 @@ from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, head_input
 from kprune.config import ALL_TOKENS, SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
 from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
-from kprune.memory import OffloadedStates, hidden_states, offload_default
+from kprune.memory import OffloadedStates, hidden_states, offload_default, release_freed_memory
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
 from kprune.sample import resolve_seq_len
@@ -533,6 +533,7 @@ def iterate(
             advance(student, t, hidden, batches, kept_features)
         if kept_features is not None:
             kept_features.close()
+        release_freed_memory()
         steps.append(record)
         flops_left = record.flops_left
         logger.info(
@@ -565,6 +566,7 @@ def iterate(
             head_report.relative_error_after,
             head_report.strength,
         )
+    release_freed_memory()  # before the copies below, which would otherwise sit on top of the leftovers
     own_parameters(student, teacher)
     record = build_record(
         teacher,
