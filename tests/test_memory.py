@@ -70,6 +70,27 @@ def test_the_heap_setting_applies_on_linux():
     assert configure_cpu_memory()
 
 
+FREED_HEAP = """
+from kprune.memory import current_rss_mb, release_freed_memory
+blocks = [b"x" * (64 << 10) for _ in range(3200)]  # 200 MB of written heap blocks, under any threshold
+last = blocks[-1]  # the heap's top stays in use: the others, freed, stay inside the heap
+del blocks
+before = current_rss_mb()
+release_freed_memory()
+print(before, current_rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_blocks_go_back_to_the_system():
+    completed = subprocess.run(
+        [sys.executable, "-c", FREED_HEAP], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    before, after = map(float, completed.stdout.split())
+    assert before - after > 150  # of the 200 MB freed
+
+
 LARGE_TENSOR_PAGES = """
 import torch
 from kprune.memory import configure_cpu_memory
