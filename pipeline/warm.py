@@ -54,7 +54,6 @@ PRELOAD = (
     "pipeline.stages.prune",
     "pipeline.stages.evaluate",
     "pipeline.stages.export",
-    "kprune.evaluate",
     "mlflow.store.tracking.sqlalchemy_store",
 )
 PROJECT_PACKAGES = ("pipeline", "kprune")
