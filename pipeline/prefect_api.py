@@ -147,27 +147,34 @@ def _home() -> Path:
     return Path(os.environ["PREFECT_HOME"])  # quiet_environment() sets it
 
 
-def _spawn(root: Path, owner: tuple[int, int], record: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """Start a server that exits when ``owner`` does; returns it and its API URL (not yet serving)."""
-    port = _free_port()
+def spawn_owned(
+    module: str, owner: tuple[int, int], arguments: list[str], root: Path, log_name: str, env=None
+) -> subprocess.Popen:
+    """Start `python -m MODULE ARGUMENTS --owner PID --owner-start T ROOT`, a helper process that ends with
+    ``owner``, its output appended to $PREFECT_HOME/LOG_NAME (the Prefect server, pipeline.warm)."""
     command = [
-        sys.executable, "-m", SERVER_MODULE, "--port", str(port),
-        "--owner", str(owner[0]), "--owner-start", str(owner[1]),
-        *(["--record", str(record)] if record else []),
-        str(root.resolve()),
+        sys.executable, "-m", module, *arguments,
+        "--owner", str(owner[0]), "--owner-start", str(owner[1]), str(root.resolve()),
     ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
     _home().mkdir(parents=True, exist_ok=True)
-    with open(_home() / "server.log", "ab") as log:
-        server = subprocess.Popen(
+    with open(_home() / log_name, "ab") as log:
+        return subprocess.Popen(
             command,
-            env=dict(os.environ, PREFECT_API_URL=url),  # the UI it serves calls this address
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            start_new_session=True,  # a Ctrl-C reaches the stages; the server ends with its owner
+            start_new_session=True,  # a Ctrl-C reaches the stages; the helper ends with its owner
         )
-    return server, url
+
+
+def _spawn(root: Path, owner: tuple[int, int], record: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server that exits when ``owner`` does; returns it and its API URL (not yet serving)."""
+    port = _free_port()
+    arguments = ["--port", str(port), *(["--record", str(record)] if record else [])]
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_API_URL=url)  # the UI it serves calls this address
+    return spawn_owned(SERVER_MODULE, owner, arguments, root, "server.log", env), url
 
 
 def _wait_until_healthy(url: str, running: Callable[[], bool]) -> None:

@@ -30,14 +30,21 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
-from pipeline.prefect_api import OWNER_ENV, alive, dvc_process, records_locked, shared_server, start_time
+from pipeline.prefect_api import (
+    OWNER_ENV,
+    alive,
+    dvc_process,
+    records_locked,
+    shared_server,
+    spawn_owned,
+    start_time,
+)
 from pipeline.project import quiet_environment
 
 SWITCH_ENV = "KPRUNE_WARM"  # "0": every stage in a process of its own
@@ -133,14 +140,7 @@ def _connect(owner: tuple[int, int]) -> socket.socket | None:
         record = folder / f"{owner[0]}-{owner[1]}.json"
         known = json.loads(record.read_text()) if record.is_file() else None
         if known is None or not alive(known["pid"], known["start"]):
-            command = [
-                sys.executable, "-m", WARM_MODULE, "--owner", str(owner[0]), "--owner-start", str(owner[1]),
-                str(Path.cwd().resolve()),
-            ]  # fmt: skip
-            with open(folder.parent / "warm.log", "ab") as log:
-                warm = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-                )
+            warm = spawn_owned(WARM_MODULE, owner, [], Path.cwd(), "warm.log")
             record.write_text(json.dumps({"pid": warm.pid, "start": start_time(warm.pid)}))
             return None
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS  # it is starting: a few seconds
