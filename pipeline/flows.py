@@ -55,7 +55,6 @@ from kprune.tune import TuneReport
 from pipeline import store
 from pipeline.faults import kill_point
 from pipeline.project import PIPELINE_FOLDERS, Folders
-from pipeline.task import dev_sets, load_task, window_options
 
 if TYPE_CHECKING:
     from kprune.evaluate import EvalSet
@@ -412,7 +411,7 @@ def prune_run_key(config: KPruneConfig, calibration: Path) -> str:
 
 @flow(name="prune")
 def prune_flow(
-    config: KPruneConfig, device: str = "auto", on_step=None, folders: Folders = PIPELINE_FOLDERS
+    config: KPruneConfig, device: str = "auto", folders: Folders = PIPELINE_FOLDERS
 ) -> PruneRecord:
     """K-prune over the calibrated sample: the library's loop (kprune.iterate) with the teacher's side
     read from the calibration files and every step persisted, resuming after the last finished
@@ -428,7 +427,6 @@ def prune_flow(
         store=IterationFiles(
             prune_run_key(config, folders.calibration), len(sublayers(teacher)), folders.iterations
         ),
-        on_step=on_step,
     )
     return result.record
 
@@ -499,6 +497,8 @@ def evaluate_flow(
     """Teacher and pruned model side by side on dev: task metrics and their drop, FLOPs and parameters
     kept, pruning time, CPU latency and speedup. The pruned model is the teacher with the persisted
     iterations applied, or the kprune folder ``pruned_model`` (a baseline's)."""
+    from pipeline.task import dev_sets, load_task, window_options  # datasets: not in the other stages
+
     device = resolve_device(device)
     teacher = load_teacher(device, folders)
     info = store.read_json(folders.prepared / "info.json")

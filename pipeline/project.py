@@ -63,6 +63,7 @@ QUIET_ENVIRONMENT = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the default 20 s is too short on 2 cores
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # per-shard bars of tiny writes; the stages draw their own
 }
 
 
@@ -71,7 +72,6 @@ QUIET_ENVIRONMENT = {
 BATCH_ENVIRONMENT = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -116,9 +116,8 @@ def start_stage() -> None:
     quiet_environment()
     setup_logging()
     configure_cpu_memory()
-    import datasets
-
-    datasets.disable_progress_bars()  # per-shard bars of tiny writes; the stages draw their own
+    if "datasets" in sys.modules:  # imported before the environment was set: datasets reads it on import
+        sys.modules["datasets"].disable_progress_bars()
 
 
 RESUME_HINT = "resume with: python -m pipeline run (or dvc repro)"

@@ -16,8 +16,8 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import torch
@@ -25,6 +25,9 @@ import torch
 from kprune import atomic
 from kprune.atomic import atomic_path
 from pipeline.faults import kill_point
+
+if TYPE_CHECKING:
+    import datasets
 
 VALUES = "values"
 
@@ -158,10 +161,36 @@ def write_dataset(path: str | Path, table: datasets.Dataset) -> None:
         table.save_to_disk(str(temporary))
 
 
+TABLE_FILE = "table.arrow"
+
+
 def write_table(path: str | Path, columns: dict[str, torch.Tensor]) -> None:
-    """Equal-length tensors (rows first), e.g. a tokenizer's padded output, as an Arrow folder."""
-    write_dataset(path, datasets.Dataset.from_dict({name: value.numpy() for name, value in columns.items()}))
+    """Equal-length tensors (rows first), e.g. a tokenizer's padded output, as a folder holding one Arrow
+    IPC file: a row's values of a column with more than one dimension are one fixed-size list, its shape
+    in the field's metadata. Written and read with pyarrow alone: ``datasets`` (with pandas, about 70 MB
+    of a process's memory) stays out of the stages that only read tensors."""
+    fields, arrays = [], []
+    for name, tensor in columns.items():
+        values = tensor.numpy()
+        shape = list(values.shape[1:])
+        array = pa.array(values.reshape(-1))
+        if shape:
+            array = pa.FixedSizeListArray.from_arrays(array, int(np.prod(shape)))
+        fields.append(pa.field(name, array.type, metadata={"shape": json.dumps(shape)}))
+        arrays.append(array)
+    with atomic_folder(path) as temporary, pa.OSFile(str(temporary / TABLE_FILE), "wb") as sink:
+        table = pa.table(arrays, schema=pa.schema(fields))
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
 
 
 def read_table(path: str | Path) -> dict[str, torch.Tensor]:
-    return dict(datasets.load_from_disk(str(path)).with_format("torch")[:])
+    with pa.OSFile(str(Path(path) / TABLE_FILE)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    columns = {}
+    for field, column in zip(table.schema, table.columns, strict=True):
+        shape = json.loads(field.metadata[b"shape"])
+        values = column.combine_chunks()
+        flat = values.flatten() if shape else values
+        columns[field.name] = torch.from_numpy(flat.to_numpy(zero_copy_only=False).copy()).view(-1, *shape)
+    return columns

@@ -114,6 +114,28 @@ class Run:
             self.client.log_artifact(self.run_id, str(file), within or None)
 
 
+class RecordedRun:
+    """The metrics of a run kept in memory while its block runs and logged when it ends, by
+    ``open_run(..., deferred=True)``: the MLflow client (with pandas, SQLAlchemy and MLflow's store, about
+    140 MB of a process's memory) is then imported after the work, not on top of its peak."""
+
+    def __init__(self):
+        self.failed, self.calls = False, []
+
+    def mark_failed(self) -> None:
+        self.failed = True
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        self.calls.append(("log_metrics", (dict(metrics), step)))
+
+    def log_metric_series(self, rows: list[Mapping[str, float]], step_key: str) -> None:
+        self.calls.append(("log_metric_series", ([dict(row) for row in rows], step_key)))
+
+    def replay(self, run: Run) -> None:
+        for method, arguments in self.calls:
+            getattr(run, method)(*arguments)
+
+
 def client():
     from mlflow import MlflowClient
 
@@ -129,10 +151,36 @@ def experiment_id(mlflow_client) -> str:
 
 @contextlib.contextmanager
 def open_run(
-    name: str, params: Mapping | None = None, parent_run_id: str | None = None, log_peak: bool = True
-) -> Iterator[Run]:
+    name: str,
+    params: Mapping | None = None,
+    parent_run_id: str | None = None,
+    log_peak: bool = True,
+    deferred: bool = False,
+) -> Iterator[Run | RecordedRun]:
     """A run that ends FINISHED, or FAILED if the block raises; with log_peak, it records this process's
-    peak memory (peak_rss_mb)."""
+    peak memory (peak_rss_mb). Deferred, the block gets a RecordedRun (metrics only) and the MLflow run is
+    created when the block ends, with the block's start as its start time: a process killed on the way
+    leaves no run."""
+    started = time.time()
+    run = RecordedRun() if deferred else start_run(name, params, parent_run_id, started)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FAILED" if run.failed else "FINISHED"
+    finally:
+        if deferred:
+            recorded, run = run, start_run(name, params, parent_run_id, started)
+            recorded.replay(run)
+        if log_peak:
+            from kprune.memory import peak_rss_mb  # torch: imported by the stage already, not by `--help`
+
+            peak = peak_rss_mb()
+            run.log_metrics({"peak_rss_mb": peak})
+            logger.info("%s: peak memory %.0f MB", name, peak)
+        run.client.set_terminated(run.run_id, status)
+
+
+def start_run(name: str, params: Mapping | None, parent_run_id: str | None, started: float) -> Run:
     mlflow_client = client()
     tags = {"kprune.stage": name}
     if parent_run_id:
@@ -143,22 +191,11 @@ def open_run(
     tags.update({PROCESS_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
     experiment = experiment_id(mlflow_client)
     mark_killed_runs(mlflow_client, experiment, name)
-    created = mlflow_client.create_run(experiment, run_name=name, tags=tags)
+    created = mlflow_client.create_run(experiment, start_time=int(started * 1000), run_name=name, tags=tags)
     run = Run(mlflow_client, created.info.run_id)
     if params:
         run.log_params(params)
-    status = "FAILED"
-    try:
-        yield run
-        status = "FAILED" if run.failed else "FINISHED"
-    finally:
-        if log_peak:
-            from kprune.memory import peak_rss_mb  # torch: imported by the stage already, not by `--help`
-
-            peak = peak_rss_mb()
-            run.log_metrics({"peak_rss_mb": peak})
-            logger.info("%s: peak memory %.0f MB", name, peak)
-        mlflow_client.set_terminated(run.run_id, status)
+    return run
 
 
 def mark_killed_runs(mlflow_client, experiment: str, name: str) -> None:
@@ -184,6 +221,6 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def stage_run(stage: str, params: Mapping | None = None):
-    """The run of one stage, nested in the pipeline's run when there is one."""
-    return open_run(stage, params, parent_run_id=os.environ.get(PARENT_RUN_ENV))
+def stage_run(stage: str, params: Mapping | None = None, deferred: bool = False):
+    """The run of one stage, nested in the pipeline's run when there is one (deferred: see open_run)."""
+    return open_run(stage, params, parent_run_id=os.environ.get(PARENT_RUN_ENV), deferred=deferred)

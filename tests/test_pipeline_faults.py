@@ -128,6 +128,12 @@ def test_ctrl_c_and_sigkills_during_pruning(reference, workspace):
     assert "resuming at iteration 3 of 4" in resumed.stderr
     assert_same_iterations(workspace, reference)
     assert_same_model(workspace, reference)
+    # the stage's MLflow run is written when its loop ends: none left RUNNING by the kills, and the
+    # resumed run holds every iteration's figures, the three it resumed from included
+    client, runs = stage_runs(workspace, "prune")
+    assert "RUNNING" not in [run.info.status for run in runs] and runs[-1].info.status == "FINISHED"
+    history = client.get_metric_history(runs[-1].info.run_id, "relative_error_after")
+    assert sorted(metric.step for metric in history) == [0, 1, 2, 3]
 
 
 def test_sigkill_during_the_exports_write_and_during_the_mlflow_write(reference, workspace):
@@ -150,13 +156,18 @@ def test_sigkill_during_the_exports_write_and_during_the_mlflow_write(reference,
     assert_same_model(workspace, reference)
 
 
-def export_run_statuses(project: Path) -> list[str]:
+def stage_runs(project: Path, stage: str) -> tuple:
+    """The MLflow client of the project's store and the runs of ``stage``, oldest first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("kprune").experiment_id
-    runs = client.search_runs([experiment], "tags.`kprune.stage` = 'export'", order_by=["start_time ASC"])
-    return [run.info.status for run in runs]
+    query = f"tags.`kprune.stage` = '{stage}'"
+    return client, client.search_runs([experiment], query, order_by=["start_time ASC"])
+
+
+def export_run_statuses(project: Path) -> list[str]:
+    return [run.info.status for run in stage_runs(project, "export")[1]]
 
 
 # ---------------------------------------------------------------- damaged iteration files

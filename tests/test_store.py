@@ -74,12 +74,18 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
 
 
 def test_tables_round_trip(tmp_path):
-    columns = {"input_ids": torch.arange(12).view(3, 4), "label": torch.tensor([0, 1, 0])}
+    columns = {
+        "input_ids": torch.arange(12).view(3, 4),
+        "label": torch.tensor([0, 1, 0]),
+        "score": torch.tensor([0.5, -1.0, 2.25]),
+        "cube": torch.arange(24, dtype=torch.int32).view(3, 2, 4),
+    }
     store.write_table(tmp_path / "split", columns)
     store.write_table(tmp_path / "split", columns)  # replaces
     read = store.read_table(tmp_path / "split")
-    assert set(read) == {"input_ids", "label"}
+    assert set(read) == set(columns)
     assert all(torch.equal(read[name], columns[name]) for name in columns)
+    assert all(read[name].dtype == columns[name].dtype for name in columns)
 
 
 def test_fingerprints_are_stable_and_tell_inputs_apart(tmp_path):

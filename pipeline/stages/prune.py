@@ -2,7 +2,8 @@
 
 Every iteration persists its knowledge scores, mask, tuned weight and figures under
 data/prune/iterations/TT; an interrupted run (a crash, a kill -9) resumes at the first unfinished
-iteration. Writes data/prune/record.json (what was kept, FLOPs, per-iteration figures).
+iteration. Writes data/prune/record.json (what was kept, FLOPs, per-iteration figures). Its MLflow run is
+written when the loop ends (a run killed on the way leaves none; the resumed one logs every iteration).
 params: the `prune` section, passed unchanged to kprune.KPruneConfig.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from kprune.config import KPruneConfig
+from kprune.record import StepRecord
 from kprune.sample import resolve_seq_len
 from pipeline import store, tracking
 from pipeline.prefect_api import prefect_api
@@ -38,21 +40,24 @@ def prune_config(params: dict, folders: Folders = PIPELINE_FOLDERS) -> KPruneCon
     return KPruneConfig(**options)
 
 
+def iteration_figures(step: StepRecord) -> dict:
+    figures = dataclasses.asdict(step)
+    figures.pop("kept_units")
+    figures.pop("kind")
+    return figures
+
+
 def run_stage() -> None:
     from pipeline.flows import prune_flow  # after prefect_api(): Prefect reads its settings on import
 
     params = load_params("prune")
     config = prune_config(params)
-    with tracking.stage_run("prune", {"prune": params}) as run:
-
-        def log_iteration(step) -> None:
-            figures = dataclasses.asdict(step)
-            figures.pop("kept_units")
-            figures.pop("kind")
-            run.log_metric_series([figures], step_key="sublayer")
-
-        record = prune_flow(config, params["device"], on_step=log_iteration)
+    # Deferred: MLflow's client is imported after the loop, not on top of its peak memory (the progress
+    # bar and Prefect's UI show the iterations meanwhile); every iteration is logged, resumed ones too.
+    with tracking.stage_run("prune", {"prune": params}, deferred=True) as run:
+        record = prune_flow(config, params["device"])
         store.write_json(PIPELINE_FOLDERS.record, record.to_dict())
+        run.log_metric_series([iteration_figures(step) for step in record.steps], step_key="sublayer")
         run.log_metrics(
             {
                 "flops_kept": record.flops_kept,
