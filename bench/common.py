@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,12 +149,21 @@ def _option_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def method_names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+def names_of(known: Iterable[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of ``known`` (a usage error otherwise)."""
+    known = list(known)
+
+    def names(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; known: {', '.join(known)}")
+        return chosen
+
     return names
+
+
+method_names = names_of(METHODS, "methods")
 
 
 def floats(text: str) -> list[float]:

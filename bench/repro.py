@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, machine, markdown_table, write_json, write_markdown
+from bench.common import RESULTS, ROOT, machine, markdown_table, names_of, write_json, write_markdown
 
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny test pipeline is defined with the tests
 from pipeline_project import commit, environment, make_project, set_param, tiny_base_model  # noqa: E402
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1, help="fresh projects, one after another (%(default)s)")
     parser.add_argument(
         "--modes",
-        type=lambda text: text.split(","),
+        type=names_of(MODES, "modes"),
         default=["cold", "warm"],
         help="cold (each stage in its own process), warm (forked from the warm process), or both, one "
         "fresh project each, in this order (%(default)s)",

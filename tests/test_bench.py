@@ -234,3 +234,19 @@ def test_cost_child_mode_traces_the_peak_on_request(workspace, tmp_path):
 
 def test_every_method_has_a_label():
     assert all(method.label for method in METHODS.values())
+
+
+@pytest.mark.parametrize(
+    "module, option, unknown, known",
+    [("cost", "--methods", "kprune,kwn", "kwon"), ("repro", "--modes", "warm,hot", "cold, warm")],
+)
+def test_an_unknown_name_in_a_list_option_is_a_usage_error_naming_the_known_ones(
+    module, option, unknown, known, capsys
+):
+    import importlib
+
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(f"bench.{module}").parse_args([option, unknown])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "unknown" in error and unknown.split(",")[1] in error and known in error
