@@ -225,21 +225,21 @@ def load_step(t: int, iterations: Path) -> StepRecord:
     return StepRecord(**fields)
 
 
+def load_tuned(path: Path) -> tuple[torch.Tensor | None, TuneReport]:
+    """A persisted tuning: its weight (None when tuning was off) and its report."""
+    return load_file(str(path)).get("weight"), TuneReport(**safetensors_metadata(path)["report"])
+
+
 def load_decision(t: int, iterations: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sublayer t's keep-mask and tuned output weight (None when tuning was off)."""
     folder = iteration_dir(t, iterations)
     keep = torch.tensor(store.read_json(folder / "mask.json")["keep"], dtype=torch.bool)
-    weights = load_file(str(folder / "weight.safetensors"))
-    return keep, weights.get("weight")
+    weight, _ = load_tuned(folder / "weight.safetensors")
+    return keep, weight
 
 
 def head_path(iterations: Path) -> Path:
     return iterations / "head.safetensors"
-
-
-def load_tuned(path: Path) -> tuple[torch.Tensor | None, TuneReport]:
-    """A persisted tuning: its weight (None when tuning was off) and its report."""
-    return load_file(str(path)).get("weight"), TuneReport(**safetensors_metadata(path)["report"])
 
 
 def apply_iterations(model: nn.Module, count: int, iterations: Path) -> nn.Module:
@@ -249,7 +249,8 @@ def apply_iterations(model: nn.Module, count: int, iterations: Path) -> nn.Modul
         keep, weight = load_decision(t, iterations)
         Sublayer(model, t).keep_units(keep, weight)
     if count == len(sublayers(model)) and head_path(iterations).is_file():
-        set_head(model, load_file(str(head_path(iterations)))["weight"])
+        weight, _ = load_tuned(head_path(iterations))
+        set_head(model, weight)
     return model
 
 
