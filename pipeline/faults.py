@@ -13,6 +13,8 @@ The points:
     prune:tune:T            iteration T's output projection is solved, not yet written
     prune:finished:T        iteration T's step record is written
     mlflow:ARTIFACT_PATH    half of a folder's files are logged to MLflow (e.g. mlflow:pruned-model)
+    warm:handed-over        a stage command has handed its stage to the warm process, whose fork's pid it
+                            does not know yet (pipeline.warm)
 """
 
 from __future__ import annotations

@@ -202,18 +202,35 @@ def records_locked(kind: str = "servers") -> Iterator[Path]:
         yield folder
 
 
+def recorded_helper(
+    folder: Path, owner: tuple[int, int], spawn: Callable[[Path], tuple[subprocess.Popen, dict]]
+) -> tuple[dict, subprocess.Popen | None]:
+    """In a ``records_locked`` folder: the record ({"pid", "start", ...}) of dvc process ``owner``'s helper
+    while that helper lives, with None; else the helper ``spawn(record_path)`` starts (its process and
+    the record's other fields), recorded, with its process."""
+    record = folder / f"{owner[0]}-{owner[1]}.json"
+    known = json.loads(record.read_text()) if record.is_file() else None
+    if known is not None and alive(known["pid"], known["start"]):
+        return known, None
+    process, fields = spawn(record)
+    known = {**fields, "pid": process.pid, "start": start_time(process.pid)}
+    record.write_text(json.dumps(known))
+    return known, process
+
+
 def shared_server(root: Path, owner: tuple[int, int]) -> tuple[str, Callable[[], bool], bool]:
     """URL of the server of dvc process ``owner``, started if it has none; whether it runs; new?"""
-    with records_locked() as folder:
-        record = folder / f"{owner[0]}-{owner[1]}.json"
-        if record.is_file():
-            known = json.loads(record.read_text())
-            if alive(known["pid"], known["start"]):
-                return known["url"], lambda: alive(known["pid"], known["start"]), False
+
+    def spawn(record: Path) -> tuple[subprocess.Popen, dict]:
         server, url = _spawn(root, owner, record)
-        record.write_text(json.dumps({"url": url, "pid": server.pid, "start": start_time(server.pid)}))
+        return server, {"url": url}
+
+    with records_locked() as folder:
+        known, server = recorded_helper(folder, owner, spawn)
+    if server is None:
+        return known["url"], lambda: alive(known["pid"], known["start"]), False
     # not reaped by this stage: once it exits it is reparented and reaped by init (or a subreaper)
-    return url, lambda: server.poll() is None, True
+    return known["url"], lambda: server.poll() is None, True
 
 
 def _drain_prefect() -> None:

@@ -22,6 +22,7 @@ pidfds (not Linux), or with KPRUNE_WARM=0.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -30,20 +31,22 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
+from pipeline.faults import kill_point
 from pipeline.prefect_api import (
     OWNER_ENV,
     alive,
     dvc_process,
+    recorded_helper,
     records_locked,
     shared_server,
     spawn_owned,
-    start_time,
 )
 from pipeline.project import quiet_environment
 
@@ -51,6 +54,7 @@ SWITCH_ENV = "KPRUNE_WARM"  # "0": every stage in a process of its own
 CHILD_ENV = "KPRUNE_WARM_CHILD"  # in a fork: the pid of the stage command it runs for
 WARM_MODULE = "pipeline.warm"
 STARTUP_TIMEOUT_SECONDS = 120
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill: the command's to its fork
 # Imported by the warm process: every stage module and what they import on the way (torch, transformers,
 # datasets, Prefect, MLflow); the project's own modules are then dropped so that each fork reads them anew.
 PRELOAD = (
@@ -94,6 +98,14 @@ def hand_over(module: str) -> None:
     connection = _connect(owner)
     if connection is None:
         return
+    child, pending = None, []
+
+    def forward(number: int, _frame) -> None:  # to the fork, as soon as its pid is known
+        if child is None:
+            pending.append(number)
+        else:
+            _signal(child, number)
+
     with connection:
         request = {
             "module": module,
@@ -103,15 +115,25 @@ def hand_over(module: str) -> None:
             "env": dict(os.environ),
         }
         payload = json.dumps(request).encode()
+        for number in FORWARDED_SIGNALS:
+            signal.signal(number, forward)
         socket.send_fds(connection, [struct.pack("!I", len(payload)) + payload], [0, 1, 2])
+        kill_point("warm:handed-over")
         reader = connection.makefile("r")
         reply = json.loads(reader.readline() or '{"refused": "it ended"}')
-        if "refused" in reply:  # nothing has run: the stage runs here
+        if "refused" in reply:  # nothing has run: the stage runs here, unless a signal came meanwhile
+            for number in FORWARDED_SIGNALS:
+                signal.signal(
+                    number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+                )
+            if pending:
+                signal.signal(pending[0], signal.SIG_DFL)
+                os.kill(os.getpid(), pending[0])
             logger.info("warm process not used: %s", reply["refused"])
             return
         child = reply["pid"]
-        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, kill: to the stage
-            signal.signal(number, lambda number, _frame: _signal(child, number))
+        for number in pending:
+            _signal(child, number)
         status = json.loads(reader.readline() or '{"status": null}')["status"]
     if status is None:
         print("pipeline: error: the warm process ended before its stage did", file=sys.stderr, flush=True)
@@ -137,11 +159,8 @@ def _connect(owner: tuple[int, int]) -> socket.socket | None:
         connection = _try_connect(owner)
         if connection is not None:
             return connection
-        record = folder / f"{owner[0]}-{owner[1]}.json"
-        known = json.loads(record.read_text()) if record.is_file() else None
-        if known is None or not alive(known["pid"], known["start"]):
-            warm = spawn_owned(WARM_MODULE, owner, [], Path.cwd(), "warm.log")
-            record.write_text(json.dumps({"pid": warm.pid, "start": start_time(warm.pid)}))
+        known, started = recorded_helper(folder, owner, functools.partial(_spawn_warm, owner))
+        if started is not None:
             return None
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS  # it is starting: a few seconds
     while time.monotonic() < deadline and alive(known["pid"], known["start"]):
@@ -151,6 +170,10 @@ def _connect(owner: tuple[int, int]) -> socket.socket | None:
         time.sleep(0.05)
     logger.warning("the warm process ended before taking stages (see %s)", folder.parent / "warm.log")
     return None
+
+
+def _spawn_warm(owner: tuple[int, int], _record: Path) -> tuple[subprocess.Popen, dict]:
+    return spawn_owned(WARM_MODULE, owner, [], Path.cwd(), "warm.log"), {}
 
 
 def _try_connect(owner: tuple[int, int]) -> socket.socket | None:

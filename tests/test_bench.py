@@ -250,3 +250,27 @@ def test_an_unknown_name_in_a_list_option_is_a_usage_error_naming_the_known_ones
     error = capsys.readouterr().err
     assert stopped.value.code == 2
     assert "unknown" in error and unknown.split(",")[1] in error and known in error
+
+
+def test_the_default_is_paired_with_the_paper_preset_and_counted_behind_only_beyond_the_error():
+    """Per-row outcomes averaged over the seeds, then paired: at 0.5 kept the default's rows are
+    (1, 1, .5, 0) against the paper preset's (1, 1, 1, 1), a difference of -37.5 ± 23.9 points (the
+    standard error of (0, 0, -.5, -1)); at 0.2, (1, 0, 0, 0) against (0, 1, 1, 0): -25 ± 47.9, inside."""
+    rows = {
+        ("kprune", 0.5, 0): [1, 1, 1, 0],
+        ("kprune", 0.5, 1): [1, 1, 0, 0],
+        ("kprune-paper", 0.5, 0): [1, 1, 1, 1],
+        ("kprune-paper", 0.5, 1): [1, 1, 1, 1],
+        ("kprune", 0.2, 0): [1, 0, 0, 0],
+        ("kprune-paper", 0.2, 0): [0, 1, 1, 0],
+        ("kwon", 0.5, 0): [0, 0, 0, 0],  # one seed: no difference to it at 0.5, where kprune has two
+    }
+    rows = {key: (torch.tensor(values), None) for key, values in rows.items()}
+    summary = accuracy.summarise(rows, ["kprune", "kprune-paper", "kwon"], [0.5, 0.2])
+    targets = accuracy.check_targets(summary, teacher_accuracy=1.0)
+    paired = targets["kprune_minus_kprune-paper_paired_points"]
+    assert paired["0.5"] == pytest.approx([-37.5, 100 * (0.6875 / 3) ** 0.5 / 2])
+    assert paired["0.2"] == pytest.approx([-25.0, 100 * (2.75 / 3) ** 0.5 / 2])
+    assert targets["kprune_behind_kprune-paper_beyond_paired_se_at"] == ["0.5"]
+    assert targets["kprune_at_least_paper_everywhere"] is False
+    assert "kprune_minus_kwon_paired_points" not in targets

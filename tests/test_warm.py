@@ -42,7 +42,8 @@ if action == "sleep":
 
 # The stand-in for dvc: runs `python -m pipeline.stages.probe ACTION` with DVC_STAGE set, once per action
 # ("edit" adds PROBE_VERSION = 2 to the project's pipeline/project.py; "kill" starts a sleeping probe,
-# SIGKILLs its command and reports whether the probe's own process ended too).
+# SIGKILLs its command and reports whether the probe's own process ended too; "interrupt" starts a sleeping
+# probe and interrupts it as Ctrl-C would, the moment its command has handed it to the warm process).
 STAND_IN = """
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -66,7 +67,12 @@ for action in actions:
             time.sleep(0.1)
         results.append({"fork_ended": not Path(f"/proc/{pid}").exists(), "fork": pid})
         continue
-    done = subprocess.run([*command, action], env=env, capture_output=True, text=True)
+    if action == "interrupt":  # Ctrl-C before the command learns its fork's pid (its own process group)
+        interrupt = dict(env, KPRUNE_INTERRUPT_AT="warm:handed-over")
+        done = subprocess.run([*command, "sleep"], env=interrupt, capture_output=True, text=True,
+                              start_new_session=True, timeout=60)
+    else:
+        done = subprocess.run([*command, action], env=env, capture_output=True, text=True)
     results.append({"code": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
 print(json.dumps(results))
 """
@@ -103,8 +109,8 @@ def report(result: dict) -> dict:
 
 def test_a_stage_runs_in_a_fork_with_its_command_s_streams_arguments_status_and_signal(project):
     """The first stage starts the warm process and runs in its own meanwhile; the next ones fork."""
-    actions = ["ok", "ok", "fail", "raise", "terminate", "edit", "ok", "kill"]
-    starter, ok, fail, error, terminated, edited, killed = run_stand_in(project, actions)
+    actions = ["ok", "ok", "fail", "raise", "terminate", "edit", "ok", "kill", "interrupt"]
+    starter, ok, fail, error, terminated, edited, killed, interrupted = run_stand_in(project, actions)
     assert starter["code"] == 0 and "-m pipeline.warm" not in report(starter)["parent"]  # meanwhile
     first = report(ok)
     assert "-m pipeline.warm" in first["parent"]  # forked by the warm process's supervisor
@@ -117,6 +123,10 @@ def test_a_stage_runs_in_a_fork_with_its_command_s_streams_arguments_status_and_
     assert first["version"] == 1 and report(edited)["version"] == 2
     assert len({report(result)["parent"] for result in (ok, fail, edited)}) == 1  # one warm process
     assert killed["fork_ended"], f"the stage {killed['fork']} outlived its killed command"
+    # a Ctrl-C that comes before the command knows its fork's pid reaches the fork all the same (which
+    # ends by it, or by its KeyboardInterrupt once the probe runs), and the command prints no traceback
+    assert interrupted["code"] in (-2, 1), interrupted
+    assert "hand_over" not in interrupted["stderr"], interrupted["stderr"]
 
 
 def test_without_dvc_or_when_switched_off_a_stage_runs_in_its_own_process(project):
