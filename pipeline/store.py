@@ -185,7 +185,13 @@ def write_table(path: str | Path, columns: dict[str, torch.Tensor]) -> None:
 
 
 def read_table(path: str | Path) -> dict[str, torch.Tensor]:
-    with pa.OSFile(str(Path(path) / TABLE_FILE)) as source:
+    file = Path(path) / TABLE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found: {path} is missing or was written by an older kprune; rerun the stage that "
+            "writes it (dvc repro prepare)"
+        )
+    with pa.OSFile(str(file)) as source:
         table = pa.ipc.open_file(source).read_all()
     columns = {}
     for field, column in zip(table.schema, table.columns, strict=True):

@@ -86,6 +86,9 @@ def test_tables_round_trip(tmp_path):
     assert set(read) == set(columns)
     assert all(torch.equal(read[name], columns[name]) for name in columns)
     assert all(read[name].dtype == columns[name].dtype for name in columns)
+    (tmp_path / "old").mkdir()  # a datasets folder of an older kprune holds no table.arrow
+    with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
+        store.read_table(tmp_path / "old")
 
 
 def test_fingerprints_are_stable_and_tell_inputs_apart(tmp_path):
