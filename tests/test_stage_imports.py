@@ -13,7 +13,8 @@ import pipeline.flows
 from pipeline.project import start_stage
 
 start_stage()
-print(sorted(name for name in ("sklearn", "kprune.evaluate", "datasets", "pandas", "mlflow") if name in sys.modules))
+heavy = ("sklearn", "kprune.evaluate", "datasets", "pandas", "mlflow")
+print(sorted(name for name in heavy if name in sys.modules))
 """
 
 
