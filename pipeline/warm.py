@@ -115,17 +115,14 @@ def hand_over(module: str) -> None:
             "env": dict(os.environ),
         }
         payload = json.dumps(request).encode()
-        for number in FORWARDED_SIGNALS:
-            signal.signal(number, forward)
+        previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
         socket.send_fds(connection, [struct.pack("!I", len(payload)) + payload], [0, 1, 2])
         kill_point("warm:handed-over")
         reader = connection.makefile("r")
         reply = json.loads(reader.readline() or '{"refused": "it ended"}')
         if "refused" in reply:  # nothing has run: the stage runs here, unless a signal came meanwhile
-            for number in FORWARDED_SIGNALS:
-                signal.signal(
-                    number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
-                )
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             if pending:
                 signal.signal(pending[0], signal.SIG_DFL)
                 os.kill(os.getpid(), pending[0])
