@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, head_input_map, task_of
+from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, head_input_map, task_logits, task_of
 from kprune.config import ALL_TOKENS, SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
-from kprune.knowledge import Knowledge, knowledge_scales, measure_knowledge, unit_scores
+from kprune.knowledge import Knowledge, distillation_loss, knowledge_scales, measure_knowledge, unit_scores
 from kprune.memory import OffloadedStates, hidden_states, offload_default, release_freed_memory
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
@@ -356,15 +356,54 @@ def tune_head(
     check = LeastSquaresStats(width, student_map.out_features, device=device)
     in_check = check_part(batches, config, device)
     first_token_only = task_of(student) != QUESTION_ANSWERING
+    check_rows: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # student's, teacher's
     batches_in = zip(student_hidden, teacher_hidden(), batches, in_check, strict=True)
     for hidden, teacher_last, batch, checked in batches_in:
         rows = tuning_rows(batch["attention_mask"], first_token_only)
-        for stats, part in ((fit, rows & ~checked[:, None]), (check, rows & checked[:, None])):
+        held = rows & checked[:, None]
+        for stats, part in ((fit, rows & ~checked[:, None]), (check, held)):
             inputs = hidden[part]
             features = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1)
             stats.add(features, teacher_map(teacher_last[part]))
+        if first_token_only:
+            check_rows[0].append(hidden[held])
+            check_rows[1].append(teacher_last[held])
     current = torch.cat([student_map.weight, student_map.bias[:, None]], dim=1)  # every family's has a bias
-    return solve_towards_current(fit, check, current, config.tune_strengths)
+    # A classifier's map feeds a nonlinearity and a classifier that read few directions of its output: its
+    # candidates are judged by the logits they give (QA's map gives the logits: its own error is theirs).
+    check_loss = (
+        head_logits_loss(student, teacher, *map(torch.cat, check_rows), config.temperature)
+        if first_token_only
+        else None
+    )
+    return solve_towards_current(fit, check, current, config.tune_strengths, check_loss)
+
+
+def head_logits_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_rows: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    temperature: float,
+) -> Callable[[torch.Tensor], float]:
+    """For a classifier or regressor: loss(weight) of a candidate [weight | bias] of the student head's first
+    linear map, the distillation loss (T^2 soft-label KL; MSE for regression) of the logits it gives on
+    student_rows (n, d), the last hidden states of the first tokens, against the teacher's on teacher_rows,
+    summed over the rows."""
+    task, head = task_of(student), head_input_map(student)
+    teacher_logits = task_logits(teacher, teacher_rows[:, None])
+
+    def loss(weight: torch.Tensor) -> float:
+        own = head.weight, head.bias
+        try:
+            head.weight = nn.Parameter(weight[:, :-1].to(own[0]), requires_grad=False)
+            head.bias = nn.Parameter(weight[:, -1].to(own[1]), requires_grad=False)
+            logits = task_logits(student, student_rows[:, None])
+        finally:
+            head.weight, head.bias = own
+        return float(distillation_loss(task, logits, teacher_logits, None, temperature).sum())
+
+    return loss
 
 
 def set_head(model: nn.Module, weight: torch.Tensor) -> None:

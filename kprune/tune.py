@@ -16,7 +16,7 @@ Two solvers:
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,8 +181,8 @@ class TuneReport:
     "exact" (the current weight already reconstructs the target) or "none" (no kept features);
     kept_current_weight says the solution was rejected (not better, or not finite).
     With a check part (``solve_towards_current``): strength is the chosen relative strength s (None: no
-    tuning won), check_error_before / check_error_after the check part's error of the current weight and of
-    the fit-part solution at that strength (equal when no tuning won).
+    tuning won), check_error_before / check_error_after the check part's error (or its check_loss) of the
+    current weight and of the fit-part solution at that strength (equal when no tuning won).
     """
 
     error_before: float
@@ -309,7 +309,11 @@ def ridge_towards(
 
 
 def solve_towards_current(
-    fit: LeastSquaresStats, check: LeastSquaresStats, current_weight: Tensor, strengths: Sequence[float]
+    fit: LeastSquaresStats,
+    check: LeastSquaresStats,
+    current_weight: Tensor,
+    strengths: Sequence[float],
+    check_loss: Callable[[Tensor], float] | None = None,
 ) -> tuple[Tensor, TuneReport]:
     """The output projection (d, k) that cannot hurt on held-out sequences, in current_weight's dtype/device.
 
@@ -317,11 +321,16 @@ def solve_towards_current(
     The strength (or no tuning) with the lowest check error is chosen on the fit part, then the weight is
     refitted on fit + check at that strength (Cholesky; lstsq fallback). The whole sample's errors are the
     two parts' sums, and its normal equations are built only for that last solve (k x k float64 matrices
-    are the peak memory of a wide FFN's tuning)."""
+    are the peak memory of a wide FFN's tuning). check_loss(weight), when given, replaces the check part's
+    reconstruction error as the criterion (the head's tuning judges its candidates by the logits)."""
     if not strengths or not all(math.isfinite(s) and s > 0 for s in strengths):
         raise ValueError(f"strengths must be finite numbers > 0, got {strengths!r}")
     check_before = check.error(current_weight)  # also checks current_weight's shape
     error_before = fit.error(current_weight) + check_before
+    if check_loss is None:
+        check_loss = check.error
+    else:
+        check_before = check_loss(current_weight)
     target_sq = fit.target_sq + check.target_sq
 
     def unchanged(solver: str, rejected: bool = False) -> tuple[Tensor, TuneReport]:
@@ -344,7 +353,7 @@ def solve_towards_current(
         return unchanged("exact")
     if fit.num_rows == 0 or check.num_rows == 0 or float(fit.gram.diagonal().mean()) <= 0:
         return unchanged("no-check")  # nothing to fit, or nothing to check it on: tuning could hurt
-    check_errors = [check.error(w) for w in ridge_towards(fit, current_weight, strengths)]
+    check_errors = [check_loss(w) for w in ridge_towards(fit, current_weight, strengths)]
     best = min(range(len(strengths)), key=check_errors.__getitem__)
     if not check_errors[best] < check_before:
         return unchanged("check-rejected", rejected=True)

@@ -23,7 +23,7 @@ from kprune.knowledge import measure_knowledge
 from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
-from kprune.tune import tuning_rows
+from kprune.tune import check_sequences, tuning_rows
 
 
 def run(model, sample, flops_keep, **options):
@@ -266,7 +266,10 @@ def test_the_teacher_s_soft_labels_are_computed_only_where_knowledge_is_measured
     handle.remove()
     chosen = knowledge_batches(batches, config.knowledge_tokens, config.seed)
     assert 0 < len(chosen) < len(batches)
-    assert heads == [len(batches[index]["attention_mask"]) for index in chosen]  # the teacher's only calls
+    # The teacher's only calls: the soft labels of the measured batches, and the logits of the check part's
+    # first tokens that judge the head's tuning.
+    checked = int(check_sequences(40, config.check_fraction, config.seed).sum())
+    assert heads == [len(batches[index]["attention_mask"]) for index in chosen] + [checked]
     every = iterate(teacher, batches, config, teacher_side=TeacherStream(teacher, batches), progress=False)
     assert [s.kept_units for s in every.record.steps] == [s.kept_units for s in result.record.steps]
     for name, value in every.model.state_dict().items():
