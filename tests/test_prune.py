@@ -14,6 +14,7 @@ from kprune.flops import head_flops, neuron_flops
 from kprune.iterate import (
     StepStore,
     TeacherStream,
+    head_logits_loss,
     iterate,
     knowledge_batches,
     reads_first_token_only,
@@ -481,13 +482,9 @@ def test_an_unknown_rescore_is_one_clear_error():
 HEAD_CASES = [("bert", "classification"), ("roberta", "classification"), ("distilbert", "classification")]
 
 
-@pytest.mark.parametrize("family,task", [*HEAD_CASES, ("bert", "qa")])
-def test_the_head_refit_undoes_a_linear_distortion_of_the_rows_the_head_reads(family, task):
-    """The student's last hidden states are the teacher's through an invertible map A on the rows its head
-    reads (first tokens; every real token for QA) and noise elsewhere: the refitted first linear map of the
-    head is the teacher's composed with A^-1 (rows: s = t A, so W' = W A^-T), the teacher's bias, and the
-    check part's error vanishes."""
-    teacher = tiny_model(family, task)
+def tune_distorted_head(teacher, task):
+    """tune_head on a student whose last hidden states are the teacher's through an invertible map A on the
+    rows its head reads and noise elsewhere: (weight, report, A)."""
     width = teacher.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -508,12 +505,70 @@ def test_the_head_refit_undoes_a_linear_distortion_of_the_rows_the_head_reads(fa
     weight, report = tune_head(
         student, teacher, student_hidden, lambda: iter(teacher_hidden), batches, config
     )
+    return weight, report, distortion
+
+
+@pytest.mark.parametrize("family,task", [*HEAD_CASES, ("bert", "qa")])
+def test_the_head_refit_undoes_a_linear_distortion_of_the_rows_the_head_reads(family, task):
+    """The student's last hidden states are the teacher's through an invertible map A on the rows its head
+    reads (first tokens; every real token for QA) and noise elsewhere: the refitted first linear map of the
+    head is the teacher's composed with A^-1 (rows: s = t A, so W' = W A^-T), the teacher's bias, and the
+    check part's error vanishes."""
+    teacher = tiny_model(family, task)
+    weight, report, distortion = tune_distorted_head(teacher, task)
     head = head_input_map(teacher)
     expected = head.weight.detach() @ torch.linalg.inv(distortion).T
     torch.testing.assert_close(weight[:, :-1], expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(weight[:, -1], head.bias.detach(), atol=2e-3, rtol=2e-3)
     assert report.strength == 1e-9
     assert report.check_error_after < 1e-4 * report.check_error_before  # float32 round-off
+
+
+def test_a_classifier_s_head_is_judged_by_its_logits_not_by_its_map_s_output():
+    """A classifier that reads nothing of the map's output (zero weights): every candidate gives the
+    teacher's logits, so the check loss never falls and the head stays as it is, although refitting the map
+    would undo the distortion exactly (the test above)."""
+    teacher = tiny_model("bert")
+    with torch.no_grad():
+        teacher.classifier.weight.zero_()
+    weight, report, _ = tune_distorted_head(teacher, "classification")
+    head = head_input_map(teacher)
+    assert torch.equal(weight, torch.cat([head.weight, head.bias[:, None]], dim=1))
+    assert report.strength is None and report.kept_current_weight
+    assert report.check_error_before == report.check_error_after == 0.0
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_the_head_check_loss_is_the_distillation_loss_of_the_logits_a_candidate_gives(task):
+    """BERT's head by hand: logits = classifier(tanh(rows W^T + b)); the loss is T^2 KL(teacher || student) of
+    the soft labels (squared error for regression), summed over the rows; the student's head is untouched."""
+    teacher = tiny_model("bert", task)
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(3)
+    width, temperature = teacher.config.hidden_size, 2.0
+    teacher_rows = torch.randn(10, width, generator=generator)
+    student_rows = teacher_rows + 0.3 * torch.randn(10, width, generator=generator)
+    head = head_input_map(student)
+    own = torch.cat([head.weight, head.bias[:, None]], dim=1).detach().clone()
+    candidate = own + 0.2 * torch.randn(own.shape, generator=generator)
+    classifier = teacher.classifier
+
+    def logits(rows, weight):
+        return classifier(torch.tanh(rows @ weight[:, :-1].T + weight[:, -1]))
+
+    with torch.no_grad():
+        ours, theirs = logits(student_rows, candidate), logits(teacher_rows, own)
+        if task == "regression":
+            expected = (ours - theirs).square().sum()
+        else:
+            log_p, log_q = (torch.log_softmax(x / temperature, -1) for x in (theirs, ours))
+            expected = temperature**2 * (log_p.exp() * (log_p - log_q)).sum()
+        loss = head_logits_loss(student, teacher, student_rows, teacher_rows, temperature)
+        assert loss(candidate) == pytest.approx(float(expected), rel=1e-5)
+        assert head_logits_loss(student, teacher, teacher_rows, teacher_rows, temperature)(
+            own
+        ) == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(torch.cat([head.weight, head.bias[:, None]], dim=1), own)
 
 
 def test_the_head_tuning_is_in_the_record_and_the_paper_preset_leaves_the_head_alone():

@@ -285,6 +285,32 @@ def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it()
     assert report.error_after <= report.error_before
 
 
+def test_a_given_check_loss_replaces_the_check_error_as_the_criterion():
+    features, target = random_problem(22, n=60, k=8)
+    current = torch.randn(5, 8, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    check = check_sequences(60, 0.25, seed=0)
+    fit_stats, check_stats = (
+        stats_of(features[~check], target[~check]),
+        stats_of(features[check], target[check]),
+    )
+    errors = [check_stats.error(w) for w in ridge_towards(fit_stats, current, STRENGTHS)]
+    wanted = (int(np.argmin(errors)) + 1) % len(STRENGTHS)  # a strength the check error would not choose
+    candidate = list(ridge_towards(fit_stats, current, STRENGTHS))[wanted]
+
+    def distance_to(weight):
+        return lambda w: float((w.double() - weight).norm())
+
+    weight, report = solve_towards_current(fit_stats, check_stats, current, STRENGTHS, distance_to(candidate))
+    assert report.strength == STRENGTHS[wanted]
+    assert report.check_error_after == pytest.approx(0.0, abs=1e-9)
+    assert report.check_error_before == pytest.approx(float((current - candidate).norm()))
+    torch.testing.assert_close(weight, explicit_ridge_towards(features, target, current, STRENGTHS[wanted]))
+    # A loss that the current weight minimises: no tuning, though every fit lowers the check error.
+    assert min(errors) < check_stats.error(current)
+    weight, report = solve_towards_current(fit_stats, check_stats, current, STRENGTHS, distance_to(current))
+    assert torch.equal(weight, current) and report.strength is None and report.kept_current_weight
+
+
 def test_no_tuning_wins_when_the_current_weight_is_better_on_the_check_part():
     # Few noisy rows and the current weight is the truth: any fit overfits the noise of its part.
     generator = torch.Generator().manual_seed(24)
