@@ -146,13 +146,27 @@ def test_a_resumed_run_gives_the_model_of_a_straight_run(done):
         assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
-def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums():
+@pytest.mark.parametrize("chunk_sequences", [None, 3])
+def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums(chunk_sequences, monkeypatch):
+    """Also when the sums are computed a few sequences at a time (chunk_sequences: 16-sequence batches split
+    in chunks of 3; None: the default, whole tiny batches)."""
     teacher = tiny_model("roberta")
     batches = make_batches(model_inputs(teacher, tiny_sample()), 16)
+    length = batches[0]["attention_mask"].shape[1]
+    if chunk_sequences:
+        monkeypatch.setattr(kprune.iterate, "TARGET_CHUNK_TOKENS", chunk_sequences * length)
+    rows_at_once = []
+    handle = teacher.roberta.encoder.layer[1].intermediate.dense.register_forward_hook(
+        lambda module, args, output: rows_at_once.append(len(output))
+    )
     stream = TeacherStream(teacher, batches)
     hidden = list(stream.encoder_input())
+    streamed_rows = []  # the stream's calls, not the expected values' below
     for t in (0, 1, 3):  # sublayer 2 is skipped, as a resumed run skips it
-        for batch, target in zip(batches, stream.targets(t), strict=True):
+        seen = len(rows_at_once)
+        targets = list(stream.targets(t))
+        streamed_rows += rows_at_once[seen:]
+        for batch, target in zip(batches, targets, strict=True):
             with torch.no_grad():
                 state = encoder_input(teacher, batch)
                 for sub in sublayers(teacher)[:t]:
@@ -160,6 +174,8 @@ def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums():
                 sub = Sublayer(teacher, t)
                 expected = sub.residual_sum(state, sub.features(state, batch["attention_mask"]))
             torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert max(streamed_rows) == (chunk_sequences or 16)
     assert len(hidden) == len(batches)
     with pytest.raises(RuntimeError, match="cannot go back"):
         next(iter(stream.targets(1)))
