@@ -129,7 +129,8 @@ METHODS: dict[str, Method] = {
 
 
 def config_method(text: str) -> tuple[str, Method]:
-    """A K-prune method from "name=value,name=value" KPruneConfig options (for sweeps), named by them."""
+    """A K-prune method from "name=value,name=value" KPruneConfig options (for sweeps), named by them; a
+    tuple's items are separated by colons (tune_strengths=1e-4:1e-3:1e-2)."""
     options = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
@@ -141,6 +142,8 @@ def config_method(text: str) -> tuple[str, Method]:
 
 
 def _option_value(text: str):
+    if ":" in text:
+        return tuple(_option_value(item) for item in text.split(":"))
     for convert in (int, float):
         try:
             return convert(text)

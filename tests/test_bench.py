@@ -1,6 +1,7 @@
 """Smoke test of the benchmark scripts (bench/): each main() on a tiny random model and tiny prepared data
 writes its JSON, PNG and markdown with the expected keys. No data/teacher, no real model."""
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -21,7 +22,7 @@ from kprune.tasks import custom_task
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench import accuracy, cost, speed  # noqa: E402
-from bench.common import METHODS, PeakTracer, sample_rows  # noqa: E402
+from bench.common import METHODS, PeakTracer, _option_value, config_method, sample_rows  # noqa: E402
 from pipeline.store import write_dataset, write_json, write_table  # noqa: E402
 
 
@@ -250,6 +251,16 @@ def test_an_unknown_name_in_a_list_option_is_a_usage_error_naming_the_known_ones
     error = capsys.readouterr().err
     assert stopped.value.code == 2
     assert "unknown" in error and unknown.split(",")[1] in error and known in error
+
+
+def test_a_config_method_reads_numbers_booleans_and_colon_separated_tuples():
+    name, method = config_method("tune_strengths=1e-4:0.01:1,tune_head=false,knowledge_tokens=all")
+    assert name == "kprune[tune_strengths=1e-4:0.01:1,tune_head=false,knowledge_tokens=all]"
+    assert method.label == "K-prune tune_strengths=1e-4:0.01:1,tune_head=false,knowledge_tokens=all"
+    assert _option_value("1e-4:0.01:1") == (1e-4, 0.01, 1)
+    assert _option_value("25000") == 25000 and _option_value("false") is False
+    with pytest.raises(argparse.ArgumentTypeError, match="name=value"):
+        config_method("tune_head")
 
 
 def test_the_default_is_paired_with_the_paper_preset_and_counted_behind_only_beyond_the_error():
