@@ -95,7 +95,8 @@ class KPruneConfig:
     tune_strengths: the relative ridge strengths tried (times the mean diagonal of the Gram matrix).
     tune_head: after the last sublayer, refit the head's first linear map (BERT's pooler, RoBERTa's
         classifier.dense, DistilBERT's pre_classifier; QA's qa_outputs), weight and bias, to the teacher's
-        output of that map on the positions the head reads, checked like the sublayers' tuning (it needs
+        output of that map on the positions the head reads, checked like the sublayers' tuning but, for
+        classifiers and regressors, by the distance of the check part's logits to the teacher's (it needs
         check_fraction > 0 and tune_weights); the rest of the head reads that map's output unchanged.
     ridge: relative ridge of the paper's least squares (times the mean diagonal of the Gram matrix).
     projections: random projections per example for the Fisher of QA and of classifiers with more than
