@@ -132,7 +132,7 @@ class KPruneConfig:
     tune_weights: bool = True
     check_fraction: float | None = None
     tune_head: bool | None = None
-    tune_strengths: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    tune_strengths: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     ridge: float = 1e-4
     projections: int = 8
     predictive_knowledge: str = FISHER
