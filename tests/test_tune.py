@@ -257,14 +257,18 @@ def test_ridge_towards_the_current_weight_equals_dense_solves_and_tends_to_it():
     torch.testing.assert_close(solutions[-1], current, rtol=0, atol=1e-6)  # infinite strength: W0 itself
 
 
-def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it():
+def split_problem():
+    """A random least-squares problem, its current weight, and its rows split into fit and check parts."""
     features, target = random_problem(22, n=60, k=8)
     current = torch.randn(5, 8, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
     check = check_sequences(60, 0.25, seed=0)
-    fit_stats, check_stats = (
-        stats_of(features[~check], target[~check]),
-        stats_of(features[check], target[check]),
-    )
+    fit_stats = stats_of(features[~check], target[~check])
+    check_stats = stats_of(features[check], target[check])
+    return features, target, current, check, fit_stats, check_stats
+
+
+def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it():
+    features, target, current, check, fit_stats, check_stats = split_problem()
     weight, report = solve_towards_current(fit_stats, check_stats, current, STRENGTHS)
     # Brute force: each strength's fit-part solution, judged on the check rows directly.
     errors = [
@@ -286,13 +290,7 @@ def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it()
 
 
 def test_a_given_check_loss_replaces_the_check_error_as_the_criterion():
-    features, target = random_problem(22, n=60, k=8)
-    current = torch.randn(5, 8, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
-    check = check_sequences(60, 0.25, seed=0)
-    fit_stats, check_stats = (
-        stats_of(features[~check], target[~check]),
-        stats_of(features[check], target[check]),
-    )
+    features, target, current, _, fit_stats, check_stats = split_problem()
     errors = [check_stats.error(w) for w in ridge_towards(fit_stats, current, STRENGTHS)]
     wanted = (int(np.argmin(errors)) + 1) % len(STRENGTHS)  # a strength the check error would not choose
     candidate = list(ridge_towards(fit_stats, current, STRENGTHS))[wanted]
