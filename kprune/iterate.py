@@ -90,7 +90,8 @@ def residual_sums(sub: Sublayer, hidden: torch.Tensor, attention_mask: torch.Ten
     """Sublayer sub's pre-LayerNorm residual sums of one batch (B, S, d), a few sequences at a time."""
     sequences = max(1, TARGET_CHUNK_TOKENS // hidden.shape[1])
     parts = zip(hidden.split(sequences), attention_mask.split(sequences), strict=True)
-    return torch.cat([sub.residual_sum(rows, sub.features(rows, mask)) for rows, mask in parts])
+    sums = [sub.residual_sum(rows, sub.features(rows, mask)) for rows, mask in parts]
+    return sums[0] if len(sums) == 1 else torch.cat(sums)  # one chunk: no copy
 
 
 class TeacherStream:
@@ -407,8 +408,7 @@ def head_logits_loss(
     def loss(weight: torch.Tensor) -> float:
         own = head.weight, head.bias
         try:
-            head.weight = nn.Parameter(weight[:, :-1].to(own[0]), requires_grad=False)
-            head.bias = nn.Parameter(weight[:, -1].to(own[1]), requires_grad=False)
+            set_head(student, weight.to(own[0]))
             logits = task_logits(student, student_rows[:, None])
         finally:
             head.weight, head.bias = own

@@ -291,9 +291,10 @@ def test_the_check_part_chooses_the_strength_and_the_whole_sample_refits_at_it()
 
 def test_a_given_check_loss_replaces_the_check_error_as_the_criterion():
     features, target, current, _, fit_stats, check_stats = split_problem()
-    errors = [check_stats.error(w) for w in ridge_towards(fit_stats, current, STRENGTHS)]
+    candidates = list(ridge_towards(fit_stats, current, STRENGTHS))
+    errors = [check_stats.error(w) for w in candidates]
     wanted = (int(np.argmin(errors)) + 1) % len(STRENGTHS)  # a strength the check error would not choose
-    candidate = list(ridge_towards(fit_stats, current, STRENGTHS))[wanted]
+    candidate = candidates[wanted]
 
     def distance_to(weight):
         return lambda w: float((w.double() - weight).norm())
