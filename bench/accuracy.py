@@ -70,6 +70,13 @@ PAPER = "kprune-paper"  # the default is also compared with the paper preset, ro
 PAIRED_WITH = (REFERENCE, PAPER)
 
 
+def selected_methods(args: argparse.Namespace) -> list[str]:
+    """The named methods to run: those of --methods; without it every one, or none beside --config."""
+    if args.methods is not None:
+        return args.methods
+    return [] if args.config else list(METHODS)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
@@ -84,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         type=method_names,
-        default=list(METHODS),
-        help=f"comma-separated, of: {', '.join(METHODS)}",
+        default=None,
+        help=f"comma-separated, of: {', '.join(METHODS)} (default: every one; with --config, none: a sweep "
+        "runs its configurations alone unless methods are named)",
     )
     parser.add_argument(
         "--config",
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         return payload
     set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    methods = {name: METHODS[name] for name in args.methods}
+    methods = {name: METHODS[name] for name in selected_methods(args)}
     methods.update(dict(args.config))
     seeds = args.seeds if args.seeds is not None else [args.seed]
     info = machine()

@@ -263,6 +263,16 @@ def test_a_config_method_reads_numbers_booleans_and_colon_separated_tuples():
         config_method("tune_head")
 
 
+def test_a_sweep_runs_its_configurations_alone_unless_methods_are_named(workspace, tmp_path):
+    args = [*common_args(workspace)[:-1], str(tmp_path), "--sample-tokens", "150", "--budgets", "0.5"]
+    sweep = ["--config", "lam_rep=1", "--no-ood"]
+    alone = accuracy.main(args + sweep)
+    assert [run["method"] for run in alone["runs"]] == ["kprune[lam_rep=1]"]
+    named = accuracy.main(args + sweep + ["--methods", "kwon"])
+    assert [run["method"] for run in named["runs"]] == ["kwon", "kprune[lam_rep=1]"]
+    assert accuracy.selected_methods(accuracy.parse_args([])) == list(METHODS)
+
+
 def test_the_default_is_paired_with_the_paper_preset_and_counted_behind_only_beyond_the_error():
     """Per-row outcomes averaged over the seeds, then paired: at 0.5 kept the default's rows are
     (1, 1, .5, 0) against the paper preset's (1, 1, 1, 1), a difference of -37.5 ± 23.9 points (the
