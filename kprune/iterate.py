@@ -42,7 +42,14 @@ from tqdm.auto import tqdm
 from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, head_input_map, task_logits, task_of
 from kprune.config import ALL_TOKENS, SUBLAYER_RESCORE, KPruneConfig
 from kprune.flops import head_flops, neuron_flops
-from kprune.knowledge import Knowledge, distillation_loss, knowledge_scales, measure_knowledge, unit_scores
+from kprune.knowledge import (
+    Knowledge,
+    distillation_loss,
+    knowledge_scales,
+    measure_knowledge,
+    micro_batches,
+    unit_scores,
+)
 from kprune.memory import OffloadedStates, hidden_states, offload_default, release_freed_memory
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
@@ -81,16 +88,24 @@ class TeacherSide(Protocol):
     def final_hidden(self) -> Iterable[torch.Tensor]: ...
 
 
-# Padded tokens whose residual sums the teacher computes at once: a whole BERT-base batch's FFN activations
-# (two (B, S, 3,072) float32 tensors, 100 MB at 32 sequences of 128 tokens) were the peak of its prune.
-TARGET_CHUNK_TOKENS = 1024
+# Padded tokens of a batch handled at once where whole-batch temporaries would be the peak: a whole BERT-base
+# batch's FFN activations (two (B, S, 3,072) float32 tensors, 100 MB at 32 sequences of 128 tokens) were
+# the peak of its prune, in the teacher's residual sums; the tuning's rows gathered for its statistics too.
+CHUNK_TOKENS = 1024
+
+
+def sequence_chunks(batch: torch.Tensor) -> list[slice]:
+    """Slices of a (B, S, ...) batch's sequences holding at most CHUNK_TOKENS padded tokens (at least one
+    sequence each)."""
+    return micro_batches(batch.shape[0], batch.shape[1], CHUNK_TOKENS)
 
 
 def residual_sums(sub: Sublayer, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sublayer sub's pre-LayerNorm residual sums of one batch (B, S, d), a few sequences at a time."""
-    sequences = max(1, TARGET_CHUNK_TOKENS // hidden.shape[1])
-    parts = zip(hidden.split(sequences), attention_mask.split(sequences), strict=True)
-    sums = [sub.residual_sum(rows, sub.features(rows, mask)) for rows, mask in parts]
+    chunks = sequence_chunks(hidden)
+    sums = [
+        sub.residual_sum(hidden[rows], sub.features(hidden[rows], attention_mask[rows])) for rows in chunks
+    ]
     return sums[0] if len(sums) == 1 else torch.cat(sums)  # one chunk: no copy
 
 
@@ -332,12 +347,14 @@ def tune(
         features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
         if kept_features is not None:
             kept_features.append(features)
-        residual = target - hidden - bias
-        if checked.any():
-            check_rows = rows & checked[:, None]
-            check.add(features[check_rows], residual[check_rows])
-            rows = rows & ~checked[:, None]
-        fit.add(features[rows], residual[rows])
+        for part in sequence_chunks(features):  # the gathered rows and residuals of a chunk at a time
+            residual = target[part] - hidden[part] - bias
+            for stats, taken in (
+                (check, rows[part] & checked[part, None]),
+                (fit, rows[part] & ~checked[part, None]),
+            ):
+                if taken.any():
+                    stats.add(features[part][taken], residual[taken])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)

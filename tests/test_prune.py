@@ -14,17 +14,19 @@ from kprune.flops import head_flops, neuron_flops
 from kprune.iterate import (
     StepStore,
     TeacherStream,
+    check_part,
     head_logits_loss,
     iterate,
     knowledge_batches,
     reads_first_token_only,
+    tune,
     tune_head,
 )
 from kprune.knowledge import measure_knowledge
 from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
-from kprune.tune import check_sequences, tuning_rows
+from kprune.tune import LeastSquaresStats, check_sequences, solve_towards_current, tuning_rows
 
 
 def run(model, sample, flops_keep, **options):
@@ -154,7 +156,7 @@ def test_the_teacher_stream_gives_the_teacher_s_own_residual_sums(chunk_sequence
     batches = make_batches(model_inputs(teacher, tiny_sample()), 16)
     length = batches[0]["attention_mask"].shape[1]
     if chunk_sequences:
-        monkeypatch.setattr(kprune.iterate, "TARGET_CHUNK_TOKENS", chunk_sequences * length)
+        monkeypatch.setattr(kprune.iterate, "CHUNK_TOKENS", chunk_sequences * length)
     rows_at_once = []
     handle = teacher.roberta.encoder.layer[1].intermediate.dense.register_forward_hook(
         lambda module, args, output: rows_at_once.append(len(output))
@@ -322,6 +324,46 @@ def test_the_paper_preset_is_the_published_algorithm_bit_for_bit(family, task):
     expected, actual = spelled.model.state_dict(), preset.model.state_dict()
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+@pytest.mark.parametrize("chunk_sequences", [None, 3])
+def test_the_tuning_adds_its_rows_a_chunk_of_sequences_at_a_time(chunk_sequences, monkeypatch):
+    """The statistics, and so the tuned weight, do not depend on the chunks (None: whole 16-sequence batches;
+    3: chunks of 3 sequences), and no add holds more than a chunk's rows."""
+    teacher = tiny_model("bert")
+    batches = make_batches(model_inputs(teacher, tiny_sample(num=40)), 16)
+    length = max(batch["attention_mask"].shape[1] for batch in batches)
+    if chunk_sequences:
+        monkeypatch.setattr(kprune.iterate, "CHUNK_TOKENS", chunk_sequences * length)
+    keep = torch.arange(Sublayer(teacher, 0).num_units) % 2 == 0
+    expected = unchunked_tuning(teacher, keep, batches)
+    added = []
+    add = LeastSquaresStats.add
+    monkeypatch.setattr(LeastSquaresStats, "add", lambda self, f, r: (added.append(len(f)), add(self, f, r)))
+    stream = TeacherStream(teacher, batches)
+    hidden = list(stream.encoder_input())
+    weight, _ = tune(teacher, 0, keep, hidden, batches, stream.targets(0), KPruneConfig(0.5))
+    torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5)
+    assert max(added) <= (chunk_sequences or 16) * length
+    assert (max(added) > 3 * length) == (chunk_sequences is None)
+
+
+def unchunked_tuning(teacher, keep, batches):
+    """The tuned weight of sublayer 0 from its whole-sample statistics, gathered at once."""
+    sub, config = Sublayer(teacher, 0), KPruneConfig(0.5)
+    columns = keep.repeat_interleave(sub.width)
+    stats = [LeastSquaresStats(int(columns.sum()), sub.output.out_features) for _ in range(2)]
+    checked = check_part(batches, config, torch.device("cpu"))
+    with torch.no_grad():
+        for batch, held in zip(batches, checked, strict=True):
+            state, mask = encoder_input(teacher, batch), batch["attention_mask"]
+            target = sub.residual_sum(state, sub.features(state, mask))
+            features = sub.features(state, mask, keep).flatten(2)
+            residual = target - state - sub.output.bias
+            fit_rows, check_rows = mask.bool() & ~held[:, None], mask.bool() & held[:, None]
+            for part, rows in zip(stats, (fit_rows, check_rows), strict=True):
+                part.add(features[rows], residual[rows])
+    return solve_towards_current(*stats, sub.output.weight[:, columns], config.tune_strengths)[0]
 
 
 def test_the_last_layer_of_a_classifier_is_read_at_the_first_token_only():
