@@ -339,22 +339,26 @@ def tune(
     columns = keep.repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
     first_token_only = reads_first_token_only(student, t, config)
-    fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
-    check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
+    width = int(columns.sum())
+    fit = LeastSquaresStats(width, sub.output.out_features, device=device)
+    check = LeastSquaresStats(width, sub.output.out_features, device=device)
     in_check = check_part(batches, config, device)
     for hidden, batch, target, checked in zip(student_hidden, batches, targets, in_check, strict=True):
-        rows = tuning_rows(batch["attention_mask"], first_token_only)
-        features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
+        mask = batch["attention_mask"]
+        rows = tuning_rows(mask, first_token_only)
         if kept_features is not None:
-            kept_features.append(features)
-        for part in sequence_chunks(features):  # the gathered rows and residuals of a chunk at a time
+            slot = kept_features.reserve((*hidden.shape[:2], width), hidden.dtype, hidden.device)
+        for part in sequence_chunks(hidden):  # features, gathered rows and residuals of a chunk at a time
+            features = sub.features(hidden[part], mask[part], keep).flatten(2)
+            if kept_features is not None:
+                kept_features.write_rows(slot, part.start, features)
             residual = target[part] - hidden[part] - bias
             for stats, taken in (
                 (check, rows[part] & checked[part, None]),
                 (fit, rows[part] & ~checked[part, None]),
             ):
                 if taken.any():
-                    stats.add(features[part][taken], residual[taken])
+                    stats.add(features[taken], residual[taken])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)

@@ -40,9 +40,15 @@ class OffloadedStates:
 
     def append(self, tensor: torch.Tensor) -> None:
         """Write a new slot at the end of the file."""
-        self.slots.append((self.end, tensor.shape, tensor.dtype, tensor.device))
-        self.end += tensor.numel() * tensor.element_size()
-        self[len(self.slots) - 1] = tensor
+        self[self.reserve(tensor.shape, tensor.dtype, tensor.device)] = tensor
+
+    def reserve(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> int:
+        """A new slot at the end of the file, to be written in parts (``write_rows``) before it is read; its
+        index."""
+        shape = torch.Size(shape)
+        self.slots.append((self.end, shape, dtype, device))
+        self.end += shape.numel() * dtype.itemsize
+        return len(self.slots) - 1
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -58,15 +64,26 @@ class OffloadedStates:
         return tensor.to(device)
 
     def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
-        offset, shape, dtype, _ = self.slots[index]
+        _, shape, dtype, _ = self.slots[index]
         if tensor.shape != shape or tensor.dtype != dtype:
             raise ValueError(
                 f"batch {index} is {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        self.write_rows(index, 0, tensor)
+
+    def write_rows(self, index: int, start: int, tensor: torch.Tensor) -> None:
+        """Write tensor as rows start, start + 1, ... (of the first dimension) of slot index."""
+        offset, shape, dtype, _ = self.slots[index]
+        if tensor.shape[1:] != shape[1:] or tensor.dtype != dtype or not 0 <= start <= shape[0] - len(tensor):
+            raise ValueError(
+                f"batch {index} is {tuple(shape)} {dtype}, cannot take {tuple(tensor.shape)} {tensor.dtype} "
+                f"at row {start}"
             )
         if not tensor.numel():
             return
         data = np.ascontiguousarray(tensor.detach().cpu().numpy())
         view = memoryview(data).cast("B")
+        offset += start * shape[1:].numel() * dtype.itemsize
         if os.pwritev(self.file.fileno(), [view], offset) != len(view):
             raise OSError(f"short write of batch {index} to the offloaded hidden states (disk full?)")
 

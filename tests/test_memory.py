@@ -116,3 +116,17 @@ def test_large_tensors_come_on_huge_pages_once_configured():
 
     assert huge_kb("") == 0  # torch's default: 4 kB pages
     assert huge_kb("configure_cpu_memory()") >= 32 << 10  # most of the 64 MB on 2 MB pages
+
+
+def test_a_reserved_slot_is_written_in_parts_of_rows():
+    states = OffloadedStates()
+    states.append(torch.randn(2, 4))
+    whole = torch.randn(5, 3, 4)
+    slot = states.reserve(whole.shape, whole.dtype, whole.device)
+    states.write_rows(slot, 3, whole[3:])
+    states.write_rows(slot, 0, whole[:3])
+    assert torch.equal(states[slot], whole) and states[0].shape == (2, 4)
+    for start, part in ((4, whole[3:]), (0, whole[:2, :2]), (0, whole[:2].double())):
+        with pytest.raises(ValueError, match="cannot take"):
+            states.write_rows(slot, start, part)
+    states.close()
