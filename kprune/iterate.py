@@ -50,7 +50,13 @@ from kprune.knowledge import (
     micro_batches,
     unit_scores,
 )
-from kprune.memory import OffloadedStates, hidden_states, offload_default, release_freed_memory
+from kprune.memory import (
+    HEAP_SLACK_BYTES,
+    OffloadedStates,
+    hidden_states,
+    offload_default,
+    release_freed_memory,
+)
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
 from kprune.sample import resolve_seq_len
@@ -359,6 +365,7 @@ def tune(
             ):
                 if taken.any():
                     stats.add(features[taken], residual[taken])
+        release_freed_memory(HEAP_SLACK_BYTES)
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)
@@ -401,6 +408,7 @@ def tune_head(
         if first_token_only:
             check_rows[0].append(hidden[held])
             check_rows[1].append(teacher_last[held])
+        release_freed_memory(HEAP_SLACK_BYTES)
     current = torch.cat([student_map.weight, student_map.bias[:, None]], dim=1)  # every family's has a bias
     # A classifier's map feeds a nonlinearity and a classifier that read few directions of its output: its
     # candidates are judged by the logits they give (QA's map gives the logits: its own error is theirs).
@@ -465,6 +473,7 @@ def advance(
         hidden = student_hidden[index]
         features = kept_features[index] if reuse else sub.features(hidden, batch["attention_mask"])
         student_hidden[index] = sub.layer_norm(sub.residual_sum(hidden, features))
+        release_freed_memory(HEAP_SLACK_BYTES)
 
 
 def prune_sublayer(

@@ -23,8 +23,8 @@ from kprune.iterate import (
     tune_head,
 )
 from kprune.knowledge import measure_knowledge
-from kprune.models import model_logits
 from kprune.memory import OffloadedStates
+from kprune.models import model_logits
 from kprune.sample import average_length, make_batches
 from kprune.sublayer import Sublayer, encoder_flops_of, sublayers, unit_counts
 from kprune.tune import LeastSquaresStats, check_sequences, solve_towards_current, tuning_rows
