@@ -50,13 +50,7 @@ from kprune.knowledge import (
     micro_batches,
     unit_scores,
 )
-from kprune.memory import (
-    HEAP_SLACK_BYTES,
-    OffloadedStates,
-    hidden_states,
-    offload_default,
-    release_freed_memory,
-)
+from kprune.memory import OffloadedStates, hidden_states, offload_default, release_freed_memory
 from kprune.models import model_logits
 from kprune.record import PruneResult, StepRecord, build_record
 from kprune.sample import resolve_seq_len
@@ -345,27 +339,22 @@ def tune(
     columns = keep.repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
     first_token_only = reads_first_token_only(student, t, config)
-    width = int(columns.sum())
-    fit = LeastSquaresStats(width, sub.output.out_features, device=device)
-    check = LeastSquaresStats(width, sub.output.out_features, device=device)
+    fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
+    check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
     in_check = check_part(batches, config, device)
     for hidden, batch, target, checked in zip(student_hidden, batches, targets, in_check, strict=True):
-        mask = batch["attention_mask"]
-        rows = tuning_rows(mask, first_token_only)
+        rows = tuning_rows(batch["attention_mask"], first_token_only)
+        features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
         if kept_features is not None:
-            slot = kept_features.reserve((*hidden.shape[:2], width), hidden.dtype, hidden.device)
-        for part in sequence_chunks(hidden):  # features, gathered rows and residuals of a chunk at a time
-            features = sub.features(hidden[part], mask[part], keep).flatten(2)
-            if kept_features is not None:
-                kept_features.write_rows(slot, part.start, features)
+            kept_features.append(features)
+        for part in sequence_chunks(features):  # the gathered rows and residuals of a chunk at a time
             residual = target[part] - hidden[part] - bias
             for stats, taken in (
                 (check, rows[part] & checked[part, None]),
                 (fit, rows[part] & ~checked[part, None]),
             ):
                 if taken.any():
-                    stats.add(features[taken], residual[taken])
-        release_freed_memory(HEAP_SLACK_BYTES)
+                    stats.add(features[part][taken], residual[taken])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)
@@ -408,7 +397,6 @@ def tune_head(
         if first_token_only:
             check_rows[0].append(hidden[held])
             check_rows[1].append(teacher_last[held])
-        release_freed_memory(HEAP_SLACK_BYTES)
     current = torch.cat([student_map.weight, student_map.bias[:, None]], dim=1)  # every family's has a bias
     # A classifier's map feeds a nonlinearity and a classifier that read few directions of its output: its
     # candidates are judged by the logits they give (QA's map gives the logits: its own error is theirs).
@@ -473,7 +461,6 @@ def advance(
         hidden = student_hidden[index]
         features = kept_features[index] if reuse else sub.features(hidden, batch["attention_mask"])
         student_hidden[index] = sub.layer_norm(sub.residual_sum(hidden, features))
-        release_freed_memory(HEAP_SLACK_BYTES)
 
 
 def prune_sublayer(

@@ -44,7 +44,6 @@ from kprune.config import (
     PREDICTIVE_MODES,
     RAW_SCALE,
 )
-from kprune.memory import HEAP_SLACK_BYTES, release_freed_memory
 from kprune.sublayer import Sublayer
 
 
@@ -221,7 +220,6 @@ def measure_knowledge(
                 predictive_sums[position] += gradient.pow(2)
         examples += hidden.shape[0]
         tokens += int(attention_mask.sum())
-        release_freed_memory(HEAP_SLACK_BYTES)
     return [
         Knowledge(predictive=0.5 * pred / examples, representational=rep / (examples if first else tokens))
         for pred, rep, first in zip(predictive_sums, representational, first_token_only, strict=True)

@@ -40,15 +40,9 @@ class OffloadedStates:
 
     def append(self, tensor: torch.Tensor) -> None:
         """Write a new slot at the end of the file."""
-        self[self.reserve(tensor.shape, tensor.dtype, tensor.device)] = tensor
-
-    def reserve(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> int:
-        """A new slot at the end of the file, to be written in parts (``write_rows``) before it is read; its
-        index."""
-        shape = torch.Size(shape)
-        self.slots.append((self.end, shape, dtype, device))
-        self.end += shape.numel() * dtype.itemsize
-        return len(self.slots) - 1
+        self.slots.append((self.end, tensor.shape, tensor.dtype, tensor.device))
+        self.end += tensor.numel() * tensor.element_size()
+        self[len(self.slots) - 1] = tensor
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -64,26 +58,15 @@ class OffloadedStates:
         return tensor.to(device)
 
     def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
-        _, shape, dtype, _ = self.slots[index]
+        offset, shape, dtype, _ = self.slots[index]
         if tensor.shape != shape or tensor.dtype != dtype:
             raise ValueError(
                 f"batch {index} is {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
-            )
-        self.write_rows(index, 0, tensor)
-
-    def write_rows(self, index: int, start: int, tensor: torch.Tensor) -> None:
-        """Write tensor as rows start, start + 1, ... (of the first dimension) of slot index."""
-        offset, shape, dtype, _ = self.slots[index]
-        if tensor.shape[1:] != shape[1:] or tensor.dtype != dtype or not 0 <= start <= shape[0] - len(tensor):
-            raise ValueError(
-                f"batch {index} is {tuple(shape)} {dtype}, cannot take {tuple(tensor.shape)} {tensor.dtype} "
-                f"at row {start}"
             )
         if not tensor.numel():
             return
         data = np.ascontiguousarray(tensor.detach().cpu().numpy())
         view = memoryview(data).cast("B")
-        offset += start * shape[1:].numel() * dtype.itemsize
         if os.pwritev(self.file.fileno(), [view], offset) != len(view):
             raise OSError(f"short write of batch {index} to the offloaded hidden states (disk full?)")
 
@@ -184,41 +167,15 @@ def configure_cpu_memory() -> bool:
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-# A batch's temporaries below the mmap threshold (activations of short sequences, gathered rows, sliced
-# weights), of sizes that change from batch to batch, leave freed holes in glibc's heap that later blocks
-# do not fit: measured in a MiniLM prune of 100k tokens, the tuning of one FFN held 150-230 MB of such
-# memory above what it used. Loops over batches hand it back once the resident memory has grown this
-# much: each release costs the page faults of the heap pages used again. Measured on that prune (alone,
-# one run each): peak RSS 860 MB without, 774 at 64 MB, 746 at 32 MB, 733 at 16 MB; the time 65, 60, 69
-# and 82 s (one run of the unchanged loop: 55 s; runs of the same row spread by 10 s).
-HEAP_SLACK_BYTES = 32 << 20
-_resident_after_release = 0
-
-
-def release_freed_memory(slack: int = 0) -> None:
+def release_freed_memory() -> None:
     """Give the heap's freed pages back to the operating system (glibc's malloc_trim; elsewhere a no-op).
 
-    The blocks under the mmap threshold that a step frees stay in glibc's heap, which only returns its top:
-    measured at the end of a MiniLM prune of 100k tokens, 175 MB of the 835 MB RSS were such pages. The
-    loop calls this after each step. With slack (bytes), only when the resident memory has grown by at
-    least that much since the last release, so that a loop over batches can call it at every batch: live
-    memory that grows moves the mark once, freed heap memory goes back."""
-    global _resident_after_release
+    The blocks under the mmap threshold that a sublayer's step frees stay in glibc's heap, which only
+    returns its top: measured at the end of a MiniLM prune of 100k tokens, 175 MB of the 835 MB RSS were
+    such pages. The loop calls this after each step, so no step starts on the last ones' leftovers."""
     trim = _glibc_function("malloc_trim")
-    if trim is None:
-        return
-    if slack and (_resident_bytes() or 0) < _resident_after_release + slack:
-        return
-    trim(0)
-    _resident_after_release = _resident_bytes() or 0
-
-
-def _resident_bytes() -> int | None:
-    """This process's resident memory in bytes, from /proc/self/statm (cheaper than status; None without)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None
+    if trim is not None:
+        trim(0)
 
 
 def _status_mb(field: str) -> float | None:

@@ -72,26 +72,22 @@ def test_the_heap_setting_applies_on_linux():
 
 FREED_HEAP = """
 from kprune.memory import current_rss_mb, release_freed_memory
-release_freed_memory()  # the mark the slack counts from
 blocks = [b"x" * (64 << 10) for _ in range(3200)]  # 200 MB of written heap blocks, under any threshold
 last = blocks[-1]  # the heap's top stays in use: the others, freed, stay inside the heap
 del blocks
 before = current_rss_mb()
-release_freed_memory(slack=400 << 20)  # grown by less: nothing is handed back
-kept = current_rss_mb()
-release_freed_memory(slack=100 << 20)
-print(before, kept, current_rss_mb())
+release_freed_memory()
+print(before, current_rss_mb())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
-def test_freed_heap_blocks_go_back_to_the_system_once_enough_is_free():
+def test_freed_heap_blocks_go_back_to_the_system():
     completed = subprocess.run(
         [sys.executable, "-c", FREED_HEAP], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stderr
-    before, kept, after = map(float, completed.stdout.split())
-    assert kept > before - 10  # not handed back: the growth is under 400 MB
+    before, after = map(float, completed.stdout.split())
     assert before - after > 150  # of the 200 MB freed
 
 
@@ -120,17 +116,3 @@ def test_large_tensors_come_on_huge_pages_once_configured():
 
     assert huge_kb("") == 0  # torch's default: 4 kB pages
     assert huge_kb("configure_cpu_memory()") >= 32 << 10  # most of the 64 MB on 2 MB pages
-
-
-def test_a_reserved_slot_is_written_in_parts_of_rows():
-    states = OffloadedStates()
-    states.append(torch.randn(2, 4))
-    whole = torch.randn(5, 3, 4)
-    slot = states.reserve(whole.shape, whole.dtype, whole.device)
-    states.write_rows(slot, 3, whole[3:])
-    states.write_rows(slot, 0, whole[:3])
-    assert torch.equal(states[slot], whole) and states[0].shape == (2, 4)
-    for start, part in ((4, whole[3:]), (0, whole[:2, :2]), (0, whole[:2].double())):
-        with pytest.raises(ValueError, match="cannot take"):
-            states.write_rows(slot, start, part)
-    states.close()

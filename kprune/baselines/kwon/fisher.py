@@ -13,7 +13,7 @@ from kprune.baselines.common import masked_logits
 from kprune.baselines.kwon.labels import task_loss
 from kprune.config import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
-from kprune.memory import HEAP_SLACK_BYTES, OffloadedStates, release_freed_memory
+from kprune.memory import OffloadedStates
 from kprune.sublayer import sublayers
 
 
@@ -73,7 +73,6 @@ def _gradient_pieces(
                 loss = task_loss(task, logits, labels[rows], micro["attention_mask"]).sum()
                 grads = torch.autograd.grad(loss, masks, allow_unused=True)
             del logits, loss, masks
-            release_freed_memory(HEAP_SLACK_BYTES)
             yield [
                 torch.zeros(count, sub.num_units, dtype=torch.float32)
                 if grad is None

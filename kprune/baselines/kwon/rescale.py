@@ -13,13 +13,7 @@ from kprune.arch import ATTENTION, QUESTION_ANSWERING, encoder_input, task_of
 from kprune.baselines.common import masked_sublayer
 from kprune.config import MICRO_BATCH_TOKENS
 from kprune.knowledge import micro_batches
-from kprune.memory import (
-    HEAP_SLACK_BYTES,
-    HiddenStates,
-    OffloadedStates,
-    hidden_state_buffer,
-    release_freed_memory,
-)
+from kprune.memory import HiddenStates, OffloadedStates, hidden_state_buffer
 from kprune.sublayer import Sublayer, sublayers
 from kprune.tune import (
     EXACT_RELATIVE_ERROR,
@@ -123,18 +117,13 @@ def solve_scales(stats: ScaleStats, ridge: float = 1e-6, offset: bool = False) -
     gram = stats.gram
     mean_diagonal = float(gram.diagonal().mean())
     lam = ridge * mean_diagonal if mean_diagonal > 0 else 0.0
+    system = ridged(gram, lam)
     rhs = stats.cross + lam
     if offset:
-        rhs = torch.cat([rhs, rhs.new_tensor([stats.target_sum])])
-
-    def system() -> Tensor:
-        ridge_system = ridged(gram, lam)
-        if not offset:
-            return ridge_system
         column = stats.offset_gram[:, None]
-        corner = torch.tensor([[float(stats.entries)]], dtype=torch.float64, device=gram.device)
-        return torch.cat([torch.cat([ridge_system, column], 1), torch.cat([column.T, corner], 1)], 0)
-
+        corner = torch.tensor([[float(stats.entries)]], dtype=torch.float64, device=system.device)
+        system = torch.cat([torch.cat([system, column], 1), torch.cat([column.T, corner], 1)], 0)
+        rhs = torch.cat([rhs, rhs.new_tensor([stats.target_sum])])
     solution, solver = solve_normal_equations(system, rhs[:, None])
     return solution[:units, 0], solver
 
@@ -234,7 +223,6 @@ def _rescale(
             if stats is not None:
                 _add_scale_rows(stats, sub, kept, student[number], residual, attention_mask, cls_only)
             target[number] = sub.layer_norm(residual)
-            release_freed_memory(HEAP_SLACK_BYTES)
         if stats is None:
             reports.append(RescaleReport(status))
         else:
@@ -269,7 +257,6 @@ def _rescale(
         mask = masks[sub.index].to(device=device, dtype=dtype)
         for number, attention_mask in enumerate(attention_masks):
             student[number] = masked_sublayer(sub, student[number], attention_mask, mask)[1]
-            release_freed_memory(HEAP_SLACK_BYTES)
     return masks, reports
 
 
