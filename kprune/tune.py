@@ -10,10 +10,12 @@ Two solvers:
 - ``solve_towards_current`` (the default): the sample's sequences are split into a fit and a check part;
   over a grid of strengths s, the ridge towards the current weight W0,
   ``min_W ||F W^T - R||^2 + lam ||W - W0||^2`` with lam = s * mean(diag(G_fit)), is solved on the fit part
-  from one eigendecomposition of G_fit; the strength with the lowest check-part error wins, or no tuning at
-  all when W0 is better on the check part; the winner is refitted on the whole sample at that strength.
+  (one Cholesky factorisation of G_fit + lam I each); the strength with the lowest check-part error wins,
+  or no tuning at all when W0 is better on the check part; the winner is refitted on the whole sample at
+  that strength.
 """
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -212,19 +214,28 @@ def ridged(gram: Tensor, lam: float) -> Tensor:
     return system
 
 
-def solve_normal_equations(system: Tensor, right: Tensor) -> tuple[Tensor, str]:
-    """X with system @ X = right for a symmetric positive semi-definite system, and the solver used:
-    Cholesky, or lstsq (with a warning) when the system is not positive definite (rank-deficient features
-    and no ridge)."""
-    factor, info = torch.linalg.cholesky_ex(system)
+def solve_normal_equations(build_system: Callable[[], Tensor], right: Tensor) -> tuple[Tensor, str]:
+    """X with S @ X = right for the symmetric positive semi-definite S that build_system() returns (a new
+    tensor, factored in place: one k x k matrix besides the caller's statistics), and the solver used:
+    Cholesky, or lstsq (with a warning, on S built again) when S is not positive definite (rank-deficient
+    features and no ridge)."""
+    # LAPACK works on column-major matrices: the symmetric system's transposed view is one, so its factor
+    # takes its place, and two triangular solves read it there (factoring the row-major system, or
+    # cholesky_solve, copies it first: one more k x k matrix each, 75 MB at k = 3,072).
+    factor = build_system().mT
+    info = torch.empty((), dtype=torch.int32, device=factor.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
     if int(info) == 0:
-        return torch.cholesky_solve(right, factor), "cholesky"
+        half = torch.linalg.solve_triangular(factor, right, upper=False)
+        return torch.linalg.solve_triangular(factor.mT, half, upper=True), "cholesky"
+    del factor
     logger.warning(
-        "Cholesky failed (normal equations not positive definite, k=%d); falling back to lstsq", len(system)
+        "Cholesky failed (normal equations not positive definite, k=%d); falling back to lstsq", len(right)
     )
     # On CPU: CUDA's lstsq only offers 'gels', which assumes full rank; 'gelsd' handles rank deficiency.
-    solution = torch.linalg.lstsq(system.cpu(), right.cpu(), rcond=LSTSQ_RELATIVE_CUTOFF, driver="gelsd")
-    return solution.solution.to(system.device), "lstsq"
+    system = build_system().cpu()
+    solution = torch.linalg.lstsq(system, right.cpu(), rcond=LSTSQ_RELATIVE_CUTOFF, driver="gelsd")
+    return solution.solution.to(right.device), "lstsq"
 
 
 def solve_output_projection(
@@ -249,7 +260,7 @@ def solve_output_projection(
 
     mean_diagonal = float(stats.gram.diagonal().mean())
     lam = ridge * mean_diagonal if mean_diagonal > 0 else 0.0
-    solution, solver = solve_normal_equations(ridged(stats.gram, lam), stats.cross)
+    solution, solver = solve_normal_equations(lambda: ridged(stats.gram, lam), stats.cross)
     new_weight = solution.T.to(device=current_weight.device, dtype=current_weight.dtype).contiguous()
     error_after = stats.error(new_weight)  # of the weight as returned, after any cast to a lower precision
     if not (torch.isfinite(new_weight).all() and error_after <= error_before):
@@ -291,21 +302,17 @@ def check_sequences(num_sequences: int, fraction: float, seed: int) -> Tensor:
 def ridge_towards(
     stats: LeastSquaresStats, current_weight: Tensor, strengths: Sequence[float]
 ) -> Iterator[Tensor]:
-    """W(s)^T = (G + lam I)^-1 (C + lam W0^T), lam = s * mean(diag(G)), for every s, float64 (d, k), from
-    one eigendecomposition G = V diag(e) V^T:  W(s)^T = V diag(1 / (e + lam)) V^T (C + lam W0^T).
-    Yielded one at a time (five of a BERT-base FFN's would hold 75 MB at once)."""
-    gram, cross = stats.gram, stats.cross
-    w0 = current_weight.detach().to(device=gram.device, dtype=torch.float64).T  # (k, d)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    eigenvalues = eigenvalues.clamp_min(0)  # round-off can leave tiny negatives on a singular G
-    projected_cross, projected_current = eigenvectors.T @ cross, eigenvectors.T @ w0
-    mean_diagonal = float(gram.diagonal().mean())
+    """W(s)^T = (G + lam I)^-1 (C + lam W0^T), lam = s * mean(diag(G)), for every s > 0, float64 (d, k), one
+    Cholesky factorisation each, yielded one at a time. One eigendecomposition of G shared by every s
+    rose 3.2 k x k matrices above G at its peak (its copy of G, its vectors and LAPACK's workspace: 232 MB
+    at k = 3,072, at the peak of a wide FFN's tuning) and took longer on the default grid of seven: alone,
+    1.7x the time at k = 1,305 and 3,072."""
+    w0 = current_weight.detach().to(stats.cross).T  # (k, d)
+    mean_diagonal = float(stats.gram.diagonal().mean())
     for strength in strengths:
         lam = strength * mean_diagonal
-        inverse = 1.0 / (eigenvalues + lam)
-        if not torch.isfinite(inverse).all():  # lam = 0 on a singular G: no unique solution
-            inverse = torch.where(eigenvalues > 0, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
-        yield (eigenvectors @ (inverse[:, None] * (projected_cross + lam * projected_current))).T
+        system = functools.partial(ridged, stats.gram, lam)
+        yield solve_normal_equations(system, stats.cross + lam * w0)[0].T
 
 
 def solve_towards_current(
@@ -358,11 +365,15 @@ def solve_towards_current(
     if not check_errors[best] < check_before:
         return unchanged("check-rejected", rejected=True)
 
-    system = fit.gram + check.gram
-    lam = strengths[best] * float(system.diagonal().mean())
+    lam = strengths[best] * float((fit.gram.diagonal() + check.gram.diagonal()).mean())
     right = fit.cross + check.cross + lam * current_weight.detach().to(fit.cross).T
-    system.diagonal().add_(lam)
-    solution, solver = solve_normal_equations(system, right)
+
+    def whole_sample_system() -> Tensor:
+        system = fit.gram + check.gram
+        system.diagonal().add_(lam)
+        return system
+
+    solution, solver = solve_normal_equations(whole_sample_system, right)
     new_weight = solution.T.to(device=current_weight.device, dtype=current_weight.dtype).contiguous()
     report = TuneReport(
         error_before,

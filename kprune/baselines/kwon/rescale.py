@@ -117,13 +117,18 @@ def solve_scales(stats: ScaleStats, ridge: float = 1e-6, offset: bool = False) -
     gram = stats.gram
     mean_diagonal = float(gram.diagonal().mean())
     lam = ridge * mean_diagonal if mean_diagonal > 0 else 0.0
-    system = ridged(gram, lam)
     rhs = stats.cross + lam
     if offset:
-        column = stats.offset_gram[:, None]
-        corner = torch.tensor([[float(stats.entries)]], dtype=torch.float64, device=system.device)
-        system = torch.cat([torch.cat([system, column], 1), torch.cat([column.T, corner], 1)], 0)
         rhs = torch.cat([rhs, rhs.new_tensor([stats.target_sum])])
+
+    def system() -> Tensor:
+        ridge_system = ridged(gram, lam)
+        if not offset:
+            return ridge_system
+        column = stats.offset_gram[:, None]
+        corner = torch.tensor([[float(stats.entries)]], dtype=torch.float64, device=gram.device)
+        return torch.cat([torch.cat([ridge_system, column], 1), torch.cat([column.T, corner], 1)], 0)
+
     solution, solver = solve_normal_equations(system, rhs[:, None])
     return solution[:units, 0], solver
 
