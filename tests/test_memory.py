@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kprune.memory import (
+    ONEDNN_CACHE,
     TORCH_HUGE_PAGES,
     OffloadedStates,
     StateBuffer,
@@ -89,6 +90,34 @@ def test_freed_heap_blocks_go_back_to_the_system():
     assert completed.returncode == 0, completed.stderr
     before, after = map(float, completed.stdout.split())
     assert before - after > 150  # of the 200 MB freed
+
+
+GELU_SHAPES = """
+import torch
+from kprune.memory import configure_cpu_memory, current_rss_mb
+{configure}
+torch.nn.functional.gelu(torch.ones(8, 8))
+before = current_rss_mb()
+for length in range(1, 601):  # a compiled kernel per shape, as a prune's batch lengths and widths give
+    torch.nn.functional.gelu(torch.ones(2, length, 16))
+print(current_rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_compiled_kernels_of_many_shapes_are_not_all_kept_once_configured():
+    def growth_mb(configure: str) -> float:
+        environment = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE}
+        code = GELU_SHAPES.format(configure=configure)
+        completed = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+        )
+        assert completed.returncode == 0, completed.stderr
+        return float(completed.stdout.split()[-1])
+
+    kept_all = growth_mb("")  # oneDNN's default cache: 1,024 kernels
+    assert kept_all > 10
+    assert growth_mb("configure_cpu_memory()") < kept_all / 3
 
 
 LARGE_TENSOR_PAGES = """
