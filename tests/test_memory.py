@@ -104,20 +104,23 @@ print(current_rss_mb() - before)
 """
 
 
+def printed_by_fresh_process(template: str, configure: str, unset: str) -> float:
+    """The last number a fresh interpreter prints running template (with {configure} filled in), without
+    the environment variable ``unset``: the settings are read once per process."""
+    environment = {k: v for k, v in os.environ.items() if k != unset}
+    code = template.format(configure=configure)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    return float(completed.stdout.split()[-1])
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
 def test_compiled_kernels_of_many_shapes_are_not_all_kept_once_configured():
-    def growth_mb(configure: str) -> float:
-        environment = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE}
-        code = GELU_SHAPES.format(configure=configure)
-        completed = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
-        )
-        assert completed.returncode == 0, completed.stderr
-        return float(completed.stdout.split()[-1])
-
-    kept_all = growth_mb("")  # oneDNN's default cache: 1,024 kernels
+    kept_all = printed_by_fresh_process(GELU_SHAPES, "", ONEDNN_CACHE)  # oneDNN's default: 1,024 kernels
     assert kept_all > 10
-    assert growth_mb("configure_cpu_memory()") < kept_all / 3
+    assert printed_by_fresh_process(GELU_SHAPES, "configure_cpu_memory()", ONEDNN_CACHE) < kept_all / 3
 
 
 LARGE_TENSOR_PAGES = """
@@ -134,14 +137,8 @@ THP_MODES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     not THP_MODES.exists() or "[never]" in THP_MODES.read_text(), reason="no transparent huge pages"
 )
 def test_large_tensors_come_on_huge_pages_once_configured():
-    def huge_kb(configure: str) -> int:
-        environment = {k: v for k, v in os.environ.items() if k != TORCH_HUGE_PAGES}
-        code = LARGE_TENSOR_PAGES.format(configure=configure)
-        completed = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
-        )
-        assert completed.returncode == 0, completed.stderr
-        return int(completed.stdout.split()[-1])
+    def huge_kb(configure: str) -> float:
+        return printed_by_fresh_process(LARGE_TENSOR_PAGES, configure, TORCH_HUGE_PAGES)
 
     assert huge_kb("") == 0  # torch's default: 4 kB pages
     assert huge_kb("configure_cpu_memory()") >= 32 << 10  # most of the 64 MB on 2 MB pages
