@@ -1,7 +1,7 @@
 """Memory of a prune: where the loop keeps whole-sample hidden states (one (B, S, d) tensor per batch),
 the allocator's handling that keeps freed memory from piling up (the mmap threshold; freed heap pages
-handed back after each step; oneDNN's kernel cache kept small), and the process's resident memory as the pipeline and the benchmarks
-report it.
+handed back after each step; oneDNN's kernel cache kept small), and the process's resident memory as
+the pipeline and the benchmarks report it.
 
 K-prune carries two whole-sample states from sublayer to sublayer, the student's input and the teacher's.
 In memory they are a list of tensors. Offloaded, they live in an unlinked temporary file that is read and

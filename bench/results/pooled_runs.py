@@ -5,15 +5,16 @@ paired difference to the default on the same dev rows (each row's outcome averag
 standard error. The runs of FOLDER's */accuracy.json win over OLDER's for the same method, budget and seed;
 first it prints, for every run of the default both hold, whether their dev rows' outcomes are the same.
 
-    python bench/results/pooled_runs.py OLDER_JSON FOLDER METHOD [METHOD ...]
-    python bench/results/pooled_runs.py bench/results/tweets100k-loo-2026-12-05/accuracy.json \\
+    PYTHONPATH=. python bench/results/pooled_runs.py OLDER_JSON FOLDER METHOD [METHOD ...]
+    PYTHONPATH=. python bench/results/pooled_runs.py bench/results/tweets100k-loo-2026-12-05/accuracy.json \\
         bench/results/tweets100k-loo-2026-12-05d kprune-raw-scales kprune-no-head
 """
 
 import json
-import math
 import sys
 from pathlib import Path
+
+from bench.accuracy import mean_and_error, row_outcomes
 
 BUDGETS = [0.6, 0.5, 0.4, 0.3, 0.2]
 DEFAULT = "kprune"
@@ -44,8 +45,8 @@ def main(older_json: str, folder: str, *methods: str) -> None:
     print("the default's dev outcomes the same in both:", "; ".join(same) or "no run in both")
     runs = {**older, **newer}
 
-    def outcomes(method, budget, seed):
-        return [flag == "1" for flag in runs[method, budget, seed]["correct_rows"]]
+    def seeds_averaged(method, budget):
+        return sum(row_outcomes(runs[method, budget, seed])[0].double() for seed in (0, 1)) / 2
 
     for method in (DEFAULT, *methods):
         accuracy = [50 * (runs[method, b, 0]["accuracy"] + runs[method, b, 1]["accuracy"]) for b in BUDGETS]
@@ -57,10 +58,7 @@ def main(older_json: str, folder: str, *methods: str) -> None:
         if method != DEFAULT:
             paired = []
             for b in BUDGETS:
-                rows = zip(*(outcomes(m, b, s) for m in (method, DEFAULT) for s in (0, 1)), strict=True)
-                d = [(m0 + m1 - k0 - k1) / 2 for m0, m1, k0, k1 in rows]
-                mean = sum(d) / len(d)
-                se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+                mean, se = mean_and_error(seeds_averaged(method, b) - seeds_averaged(DEFAULT, b))
                 paired.append(f"{100 * mean:+.2f} +- {100 * se:.2f}")
             line += "; minus the default: " + " / ".join(paired)
         print(line)
