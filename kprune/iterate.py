@@ -335,8 +335,8 @@ def tune(
     given, receives each batch's features, which ``advance`` then reuses instead of computing them again."""
     sub = Sublayer(student, t)
     device = sub.output.weight.device
-    keep = keep.to(device)
-    columns = keep.repeat_interleave(sub.width)
+    keep = keep.cpu()  # the features' keep stays on the host (Sublayer.features)
+    columns = keep.to(device).repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
     first_token_only = reads_first_token_only(student, t, config)
     fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
@@ -353,8 +353,7 @@ def tune(
                 (check, rows[part] & checked[part, None]),
                 (fit, rows[part] & ~checked[part, None]),
             ):
-                if taken.any():
-                    stats.add(features[part][taken], residual[taken])
+                stats.add(features[part][taken], residual[taken])
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)

@@ -118,7 +118,8 @@ def loss_hessian_factor(
 def _projected_softmax_factor(probs: torch.Tensor, projections: int, generator) -> torch.Tensor:
     """Rows xi^T A^T / sqrt(k) for diag(p) - p p^T = A A^T, A = diag(sqrt p) - p sqrt(p)^T, xi = +-1."""
     signs = torch.randint(0, 2, (probs.shape[0], projections, probs.shape[1]), generator=generator)
-    signs = (signs.to(probs) * 2 - 1).to(probs.device)
+    # non_blocking: a blocking copy to a GPU waits for the work queued before it
+    signs = signs.to(device=probs.device, dtype=probs.dtype, non_blocking=True) * 2 - 1
     weighted = signs * probs.sqrt()[:, None, :]
     rows = weighted - weighted.sum(-1, keepdim=True) * probs[:, None, :]
     return rows / projections**0.5
@@ -186,13 +187,16 @@ def measure_knowledge(
         raise ValueError(f"predictive must be one of {PREDICTIVE_MODES}, got {predictive!r}")
     if precision not in KNOWLEDGE_PRECISIONS:
         raise ValueError(f"precision must be one of {KNOWLEDGE_PRECISIONS}, got {precision!r}")
-    predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
-    representational = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
-    output_scale = [sub.output_column_norms().double().cpu() / sub.output.out_features for sub in subs]
-    examples, tokens = 0, 0
+    # Sums on the model's device, read once at the end: a read per micro-batch would wait for a GPU each time.
+    device = subs[0].output.weight.device if subs else torch.device("cpu")
+    predictive_sums = [torch.zeros(sub.num_units, dtype=torch.float64, device=device) for sub in subs]
+    representational = [torch.zeros(sub.num_units, dtype=torch.float64, device=device) for sub in subs]
+    output_scale = [sub.output_column_norms().double() / sub.output.out_features for sub in subs]
+    examples = 0
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
     for hidden, attention_mask, logits_t in zip(hidden_batches, attention_masks, teacher_logits, strict=True):
         # The reference's gradient is of the mean loss of the whole batch: summed over micro-batches first.
-        batch_gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+        batch_gradients = [torch.zeros(sub.num_units, dtype=torch.float64, device=device) for sub in subs]
         for rows in micro_batches(*attention_mask.shape, max_tokens):
             squared_features, squared_gradients = _measure_micro_batch(
                 model,
@@ -219,9 +223,13 @@ def measure_knowledge(
             for position, gradient in enumerate(batch_gradients):
                 predictive_sums[position] += gradient.pow(2)
         examples += hidden.shape[0]
-        tokens += int(attention_mask.sum())
+        tokens += attention_mask.sum()
+    tokens = int(tokens)
     return [
-        Knowledge(predictive=0.5 * pred / examples, representational=rep / (examples if first else tokens))
+        Knowledge(
+            predictive=(0.5 * pred / examples).cpu(),
+            representational=(rep / (examples if first else tokens)).cpu(),
+        )
         for pred, rep, first in zip(predictive_sums, representational, first_token_only, strict=True)
     ]
 
@@ -243,7 +251,7 @@ def _measure_micro_batch(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per sublayer: the squared features summed over valid tokens (units, width), and the gradients of
     the mask: per-example squares summed (Fisher), or the plain sum of the batch-mean loss's gradient
-    (batch-gradient, squared by the caller once the whole batch is in). float64, on the CPU."""
+    (batch-gradient, squared by the caller once the whole batch is in). float64, on hidden's device."""
     dtype = hidden.dtype
     token_weights = attention_mask.flatten().to(dtype)
     masks = [hidden.new_ones(hidden.shape[0], sub.num_units, requires_grad=True) for sub in subs]
@@ -263,10 +271,10 @@ def _measure_micro_batch(
                 flat = features.detach().to(dtype).flatten(0, 1).flatten(1)
                 squares = flat * flat
                 squared = squares.sum(0) if first else token_weights @ squares
-            squared_features.append(squared.view(sub.num_units, sub.width).double().cpu())
+            squared_features.append(squared.view(sub.num_units, sub.width).double())
             hidden = sub.layer_norm(sub.residual_sum(hidden, MaskProbe.apply(features, mask)))
         logits = task_logits(model, hidden).to(dtype)
-    gradients = [torch.zeros(sub.num_units, dtype=torch.float64) for sub in subs]
+    gradients = [torch.zeros(sub.num_units, dtype=torch.float64, device=hidden.device) for sub in subs]
     if not logits.requires_grad:  # no unit is left above: nothing to measure
         return squared_features, gradients
     if predictive == FISHER:
@@ -281,7 +289,7 @@ def _measure_micro_batch(
         for position, grad in enumerate(grads):
             if grad is not None:
                 grad = grad.double()
-                gradients[position] += (grad.pow(2) if predictive == FISHER else grad).sum(0).cpu()
+                gradients[position] += (grad.pow(2) if predictive == FISHER else grad).sum(0)
     return squared_features, gradients
 
 

@@ -72,21 +72,25 @@ class Sublayer:
     ) -> torch.Tensor:
         """Unit features (B, S, units, width): the input of the output projection, split by unit.
 
-        keep (bool, units): compute only the kept units' features, from slices of the input maps.
+        keep (bool, units): compute only the kept units' features, from slices of the input maps. A keep
+        on the CPU is counted and turned into row indices on the host: on a GPU, per batch, reading a
+        keep that lives there would wait for the device each time.
         first_token_only: the features at each sequence's first position only, (B, 1, units, width), the
         same values as the first position of the full result (an attention sublayer's one query still
         attends to every token): all a sequence classifier's head reads of the last layer."""
         batch = hidden.shape[0]
         queries = hidden[:, :1] if first_token_only else hidden
         units = self.num_units if keep is None else int(keep.sum())
+        if keep is not None:
+            rows = keep.bool().repeat_interleave(self.width).nonzero().squeeze(1)
 
         def project(attribute: str, inputs: torch.Tensor) -> torch.Tensor:
             linear = self.part(attribute)
             if keep is None:
                 return linear(inputs)
-            rows = keep.to(linear.weight.device).repeat_interleave(self.width)
-            bias = linear.bias[rows] if linear.bias is not None else None
-            return F.linear(inputs, linear.weight[rows], bias)
+            index = rows.to(linear.weight.device, non_blocking=True)  # a blocking copy would wait for a GPU
+            bias = linear.bias.index_select(0, index) if linear.bias is not None else None
+            return F.linear(inputs, linear.weight.index_select(0, index), bias)
 
         if self.kind == FFN:
             activation = functools.reduce(getattr, self.family.ffn_activation.split("."), self.module)

@@ -109,13 +109,16 @@ class LeastSquaresStats:
         return self._cross.shape[1]
 
     def add(self, features: Tensor, target: Tensor) -> None:
-        """Accumulate a batch of rows: features (n, k) and target (n, d), any float dtype and device."""
+        """Accumulate a batch of rows: features (n, k) and target (n, d), any float dtype and device; no
+        rows add nothing (and allocate nothing)."""
         if features.dim() != 2 or features.shape[1] != self.num_features:
             raise ValueError(f"features must be (n, {self.num_features}), got {tuple(features.shape)}")
         if target.dim() != 2 or target.shape != (features.shape[0], self.out_dim):
             raise ValueError(
                 f"target must have shape ({features.shape[0]}, {self.out_dim}), got {tuple(target.shape)}"
             )
+        if not len(features):
+            return
         # Products in float32 (float64 if either input is): faster than float64 products and casts.
         work = torch.float64 if torch.float64 in (features.dtype, target.dtype) else torch.float32
         if self._pending is not None and self._pending[0].dtype != work:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import model_inputs, tiny_model, tiny_sample
+from torch.overrides import TorchFunctionMode
 
 from kprune.arch import encoder_input, task_logits, task_of
 from kprune.knowledge import (
@@ -332,6 +333,41 @@ def test_micro_batches_do_not_change_the_knowledge(predictive):
     whole, split = knowledge(10_000), knowledge(1)
     assert whole.abs().max() > 0
     torch.testing.assert_close(split, whole, rtol=1e-10, atol=0)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values by the host (each one waits for a GPU): copies to the CPU and scalar
+    reads."""
+
+    READS = {"cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("task,labels", [("classification", 3), ("classification", 12), ("regression", 1)])
+def test_the_measurement_reads_its_sums_once_however_many_micro_batches(task, labels):
+    model = tiny_model("bert", task, num_labels=labels)
+    sample = tiny_sample(num=8)
+    with torch.no_grad():
+        teacher = model_logits(model, sample)
+        hidden = encoder_input(model, sample)
+
+    def host_reads(max_tokens: int) -> int:
+        with HostReads() as reads:
+            measure_knowledge(
+                model, sublayers(model), [hidden], [sample["attention_mask"]], [teacher], task,
+                max_tokens=max_tokens, generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+        return reads.count
+
+    assert len(micro_batches(8, sample["attention_mask"].shape[1], 1)) == 8
+    assert host_reads(1) == host_reads(10_000)
 
 
 def test_micro_batches_cover_every_row_once_within_the_token_bound():
