@@ -145,8 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="JSON",
         help="with --report-only: add the finished runs of another accuracy.json made with the same "
-        "settings (as --resume checks them), e.g. of parallel invocations with --threads 1 each; the "
-        "merged JSON is written to <out> (repeatable)",
+        "settings (as --resume checks them, but a teacher fine-tuned again is taken when it scores alike "
+        "in both), e.g. of parallel invocations with --threads 1 each; the merged JSON is written to "
+        "<out> (repeatable)",
     )
     args = parser.parse_args(argv)
     if args.merge and not args.report_only:
@@ -155,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # The settings a kept run must share with this invocation: they decide its result. The teachers' content
-# is among them: a teacher fine-tuned again (another machine rounds differently) is another teacher.
+# is among them: a teacher fine-tuned again (another machine rounds differently) is another teacher, unless
+# (--merge) it scores alike in both (teachers_scoring_alike).
 RESUME_SETTINGS = (
     "teachers",
     "teacher_digests",
@@ -168,22 +170,73 @@ RESUME_SETTINGS = (
 )
 
 
-def finished_runs(path: Path, settings: dict, option: str = "--resume") -> dict[tuple, dict]:
-    """--resume, --merge: the runs of another invocation that finished, by (teacher, method, budget, seed)."""
+def finished_runs(
+    path: Path, settings: dict, option: str = "--resume", here: dict | None = None
+) -> dict[tuple, dict]:
+    """--resume, --merge: the runs of another invocation that finished, by (teacher, method, budget, seed).
+
+    here (--merge): this invocation's results. A teacher whose folder's content differs (fine-tuned again,
+    e.g. on another CPU type, which rounds differently) is then still taken when it scores alike
+    (teachers_scoring_alike)."""
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
+    finished = finished_of(previous)
     for key in RESUME_SETTINGS:
-        if previous["settings"].get(key) != settings[key]:
-            raise SystemExit(
-                f"bench.accuracy: error: {option}: {path} was made with {key} "
-                f"{previous['settings'].get(key)!r}, this run has {settings[key]!r}; choose another --out"
-            )
-    runs = [*previous["runs"], *previous.get("other_runs", [])]
-    finished = {run_key(run): run for run in runs if "error" not in run}
+        theirs, ours = previous["settings"].get(key), settings[key]
+        if theirs == ours:
+            continue
+        why = None
+        if key == "teacher_digests" and here is not None:
+            why = teachers_scoring_alike(here, previous)
+            if why is None:
+                continue
+        raise SystemExit(
+            f"bench.accuracy: error: {option}: {path} was made with {key} {theirs!r}, this run has {ours!r}"
+            + (f" ({why})" if why else "")
+            + "; choose another --out"
+        )
     commit = previous["machine"]["kprune_commit"]
     print(f"{option}: {len(finished)} finished runs in {path} (made at commit {commit})", flush=True)
     return finished
+
+
+def teachers_scoring_alike(here: dict, other: dict) -> str | None:
+    """None when every teacher whose folder digest differs between two results JSONs (same paths) scores
+    alike in both: the same scores on the scored rows (accuracy, macro F1 to the last digit), and at least
+    one run both hold with the same outcome on every scored row; else why not. Runs of one method may
+    differ when the library changed between the invocations, which --merge allows for any teacher."""
+    # The paths are the same ("teachers" is checked first); an invocation stopped early may lack an entry.
+    scores = [
+        {entry["name"]: entry["teacher"]["scored"] for entry in results["teachers"]}
+        for results in (here, other)
+    ]
+    digests = zip(here["settings"]["teacher_digests"], other["settings"]["teacher_digests"], strict=True)
+    runs = [finished_of(results) for results in (here, other)]
+    for path, (digest, other_digest) in zip(here["settings"]["teachers"], digests, strict=True):
+        name = Path(path).name
+        if digest == other_digest:
+            continue
+        if name not in scores[0] or scores[0][name] != scores[1].get(name):
+            return f"{name} scores {scores[1].get(name)} there, {scores[0].get(name)} here"
+        common = sorted(key for key in runs[0].keys() & runs[1].keys() if key[0] == name)
+        alike = [key for key in common if runs[0][key]["correct_rows"] == runs[1][key]["correct_rows"]]
+        if not alike:
+            return f"{name}: none of the {len(common)} runs in both scores every row alike"
+        others = sorted(set(common) - set(alike))
+        print(
+            f"--merge: {name} was fine-tuned again and scores alike: {len(alike)} of the {len(common)} runs "
+            "in both with the same outcome on every row" + (f" (not: {others})" if others else ""),
+            flush=True,
+        )
+    return None
+
+
+def finished_of(results: dict) -> dict[tuple, dict]:
+    """A results JSON's finished runs (runs and other_runs) by run_key."""
+    return {
+        run_key(run): run for run in [*results["runs"], *results.get("other_runs", [])] if "error" not in run
+    }
 
 
 def run_key(run: dict) -> tuple:
@@ -528,9 +581,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def merged_runs(payload: dict, other: Path) -> list[dict]:
     """The payload's other_runs plus the finished runs of the results JSON ``other`` that it lacks (by
-    teacher, method, budget and seed); ``other`` must share the settings --resume checks."""
+    teacher, method, budget and seed); ``other`` must share the settings --resume checks (a teacher
+    fine-tuned again passes when it scores alike in both: teachers_scoring_alike)."""
     held = {run_key(run) for run in [*payload["runs"], *payload.get("other_runs", [])]}
-    finished = finished_runs(other, payload["settings"], "--merge")
+    finished = finished_runs(other, payload["settings"], "--merge", payload)
     added = [run for key, run in finished.items() if key not in held]
     return [*payload.get("other_runs", []), *added]
 

@@ -155,6 +155,54 @@ def test_accuracy_merge_pools_parallel_invocations_and_pairs_only_on_shared_seed
         accuracy.main(invocation("zero", "kwon", 0) + ["--merge", str(tmp_path / "one" / "accuracy.json")])
 
 
+def test_accuracy_merge_takes_a_teacher_fine_tuned_again_only_if_it_scores_alike(workspace, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(workspace / "teacher", teacher)
+
+    def folders(out: str) -> list[str]:
+        return [
+            "--teacher",
+            str(teacher),
+            "--prepared",
+            str(workspace / "prepared"),
+            "--out",
+            str(tmp_path / out),
+        ]
+
+    def invocation(out: str, methods: str) -> Path:
+        plan = ["--sample-tokens", "150", "--budgets", "0.5", "--seeds", "0", "--methods", methods]
+        accuracy.main(folders(out) + plan)
+        return tmp_path / out / "accuracy.json"
+
+    def edited(path: Path, edit) -> Path:
+        payload = json.loads(path.read_text())
+        edit(payload)
+        copy = path.with_name("edited.json")
+        copy.write_text(json.dumps(payload))
+        return copy
+
+    def flip_first_row(payload: dict) -> None:
+        for run in payload["runs"]:
+            run["correct_rows"] = ("0" if run["correct_rows"][0] == "1" else "1") + run["correct_rows"][1:]
+
+    invocation("here", "kprune")
+    (teacher / "NOTE.txt").write_text("fine-tuned again on another machine")  # its folder digest changes
+    merge = folders("here") + ["--report-only", "--merge"]
+    with pytest.raises(SystemExit, match="teacher_digests .*teacher: none of the 0 runs in both"):
+        accuracy.main(merge + [str(invocation("alone", "kwon"))])
+    there = invocation("there", "kprune,kwon")
+    with pytest.raises(SystemExit, match="teacher: none of the 1 runs in both scores every row alike"):
+        accuracy.main(merge + [str(edited(there, flip_first_row))])
+
+    def other_score(payload: dict) -> None:
+        payload["teachers"][0]["teacher"]["scored"]["accuracy"] += 0.01
+
+    with pytest.raises(SystemExit, match="teacher scores .* there, .* here"):
+        accuracy.main(merge + [str(edited(there, other_score))])
+    merged = accuracy.main(merge + [str(there)])
+    assert {run["method"] for run in [*merged["runs"], *merged["other_runs"]]} == {"kprune", "kwon"}
+
+
 def test_accuracy_speed_cost_write_their_results(workspace):
     args = common_args(workspace)
     methods = "kprune,kwon,magnitude"

@@ -1,9 +1,10 @@
-"""Pool bench.accuracy runs of two machines by hand, where `--report-only --merge` refuses because the
-teacher was fine-tuned again (its folder digest differs) although it prunes and scores alike: prints,
-per budget 0.6 .. 0.2 kept, the mean accuracy over seeds 0 and 1, the out-of-domain agreement, and the
-paired difference to the default on the same dev rows (each row's outcome averaged over the seeds) +- its
-standard error. The runs of FOLDER's */accuracy.json win over OLDER's for the same method, budget and seed;
-first it prints, for every run of the default both hold, whether their dev rows' outcomes are the same.
+"""Pool bench.accuracy runs of two machines by hand (written when `--report-only --merge` refused a teacher
+fine-tuned again; it now takes one that scores alike, and gives the same accuracies) and print, per
+budget 0.6 .. 0.2 kept, the mean accuracy over seeds 0 and 1, the out-of-domain agreement, and what the
+bench's report does not give: the paired difference to the default on the same dev rows (each row's
+outcome averaged over the seeds) +- its standard error. The runs of FOLDER's */accuracy.json win over
+OLDER's for the same method, budget and seed; first it prints, for every run of the default both hold,
+whether their dev rows' outcomes are the same.
 
     PYTHONPATH=. python bench/results/pooled_runs.py OLDER_JSON FOLDER METHOD [METHOD ...]
     PYTHONPATH=. python bench/results/pooled_runs.py bench/results/tweets100k-loo-2026-12-05/accuracy.json \\
