@@ -62,9 +62,12 @@ class Method:
 
 
 def _kprune(**options) -> Prune:
-    return lambda teacher, sample, labels, keep: kprune.prune(
-        teacher, sample, keep, device=DEVICE, progress=False, **options
-    )
+    def run(teacher, sample, labels, keep, keep_teacher: bool = True) -> PruneResult:
+        return kprune.prune(
+            teacher, sample, keep, device=DEVICE, progress=False, keep_teacher=keep_teacher, **options
+        )
+
+    return run
 
 
 # One line per method; the key is what --methods takes. "kprune" is the default preset, the others of

@@ -28,12 +28,16 @@ def prune(
     device: str | torch.device = "auto",
     offload: bool | None = None,
     progress: bool = True,
+    keep_teacher: bool = True,
     **options,
 ) -> PruneResult:
     """Prune a fine-tuned encoder to ``flops_keep`` of its FLOPs with K-prune, without retraining.
 
     model: a transformers *ForSequenceClassification / *ForQuestionAnswering model (BERT, RoBERTa,
-        XLM-R, DistilBERT, ELECTRA); it is the teacher and is not modified (it may be moved to ``device``).
+        XLM-R, DistilBERT, ELECTRA); it is the teacher and is not modified (it may be moved to ``device``),
+        unless keep_teacher is False: the loop then lets each of its encoder sublayers go once it has passed
+        it, so the prune holds about one model instead of two, and the teacher is unusable afterwards (for
+        a model loaded only to be pruned; the command line does this).
     sample: a tokenizer's padded output for a few thousand task inputs (labels are not needed).
     flops_keep: fraction of FLOPs to keep, in (0, 1]; or pass ``config`` (a KPruneConfig).
     offload: keep the whole-sample hidden states in temporary files rather than RAM (default: on the
@@ -56,7 +60,7 @@ def prune(
     check_finite_activations(teacher, batches[0])
     seq_len = resolve_seq_len(config.seq_len, [batch["attention_mask"] for batch in batches])
     warn_about_the_inputs(teacher, batches, config.flops_keep, seq_len)
-    return iterate(teacher, batches, config, offload=offload, progress=progress)
+    return iterate(teacher, batches, config, offload=offload, progress=progress, keep_teacher=keep_teacher)
 
 
 def smallest_flops_keep(model: nn.Module, seq_len: float) -> float:

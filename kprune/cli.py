@@ -710,6 +710,7 @@ def _prune(args: argparse.Namespace, out: Path) -> None:
         _budget(args),
         device=args.device,
         progress=not args.quiet,
+        keep_teacher=False,  # loaded only to be pruned: its sublayers go as the loop passes them
         seq_len=seq_len,
         preset=args.preset,
         lam_pred=args.lam_pred,

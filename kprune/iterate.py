@@ -115,7 +115,8 @@ class TeacherStream:
 
     logit_batches: the batches whose soft labels are computed (default: every one; the others' are None).
     The loop passes those knowledge is measured on: with knowledge_tokens, a teacher forward pass over
-    the rest of the sample would be thrown away."""
+    the rest of the sample would be thrown away. release: let each of the teacher's sublayers go once the
+    stream has passed it (Sublayer.release_weights; the teacher is then unusable)."""
 
     def __init__(
         self,
@@ -123,8 +124,9 @@ class TeacherStream:
         batches: Batches,
         offload: bool = False,
         logit_batches: Sequence[int] | None = None,
+        release: bool = False,
     ):
-        self.teacher, self.batches, self.sublayer = teacher, batches, 0
+        self.teacher, self.batches, self.sublayer, self.release = teacher, batches, 0, release
         wanted = set(range(len(batches)) if logit_batches is None else logit_batches)
         with torch.no_grad():
             self.logits = [
@@ -153,6 +155,8 @@ class TeacherStream:
                 self.hidden[index] = sub.layer_norm(target)
                 if self.sublayer == t:
                     yield target
+            if self.release:
+                sub.release_weights()
             self.sublayer += 1
 
     def final_hidden(self) -> Iterator[torch.Tensor]:
@@ -535,15 +539,22 @@ def iterate(
     offload: bool | None = None,
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
+    keep_teacher: bool = True,
 ) -> PruneResult:
-    """Run K-prune on ``teacher`` (not modified) over the sample ``batches``, one iteration per sublayer.
+    """Run K-prune on ``teacher`` over the sample ``batches``, one iteration per sublayer.
 
-    teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed).
+    keep_teacher: False lets each of the teacher's sublayers go once the loop no longer needs it (the
+        student's pruned sublayers are new tensors, so the prune then holds about one model instead of
+        two); the teacher is unusable afterwards. True (default): the teacher is not modified.
+    teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed;
+        keep_teacher=False needs this default).
     store: where each iteration's results live (default: nowhere; a persisted store resumes).
     offload: keep the student's and the teacher's whole-sample hidden states in temporary files, read
         one batch at a time (default: on the CPU; see kprune.memory).
     on_step: called with each new iteration's record.
     """
+    if teacher_side is not None and not keep_teacher:
+        raise ValueError("keep_teacher=False lets the teacher go as the loop's own teacher stream passes it")
     started = time.perf_counter()
     teacher.eval()
     student = student_of(teacher)
@@ -552,7 +563,7 @@ def iterate(
         offload = offload_default(batches[0]["input_ids"].device)
     if teacher_side is None:
         measured = knowledge_batches(batches, config.knowledge_tokens, config.seed)
-        teacher_side = TeacherStream(teacher, batches, offload, logit_batches=measured)
+        teacher_side = TeacherStream(teacher, batches, offload, measured, release=not keep_teacher)
     store = store if store is not None else StepStore()
     total = len(sublayers(student))
     budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)

@@ -135,6 +135,15 @@ class Sublayer:
         if self.kind == ATTENTION and not keep.any():
             self._empty_attention()
 
+    def release_weights(self) -> None:
+        """Let this sublayer's weights go: each parameter of its maps and LayerNorm becomes an empty tensor,
+        so its memory is freed unless another model shares it. The module keeps its sizes (unit counts and
+        FLOPs still read) but can no longer run."""
+        inputs = ("query", "key", "value") if self.kind == ATTENTION else ("ffn_up",)
+        for part in (*(self.part(name) for name in inputs), self.output, self.layer_norm):
+            for name, parameter in list(part.named_parameters(recurse=False)):
+                setattr(part, name, nn.Parameter(parameter.detach().new_empty(0), requires_grad=False))
+
     def _replace(self, attribute: str, new: nn.Module) -> None:
         self.module.set_submodule(getattr(self.family, attribute), new)
 

@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import weakref
 
 import pytest
 import torch
@@ -228,6 +229,32 @@ def test_offloaded_advance_reuses_the_tuning_s_features(monkeypatch):
         assert calls == recomputed
     for name, value in results[False].model.state_dict().items():
         assert torch.equal(results[True].model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_a_teacher_let_go_gives_the_same_model_and_holds_no_encoder_weight(family):
+    sample = tiny_sample()
+    kept = run(tiny_model(family), sample, 0.4)
+    teacher = tiny_model(family)
+    encoder = {name: weakref.ref(p) for name, p in teacher.named_parameters() if p.dim() and "layer" in name}
+    let_go = run(teacher, sample, 0.4, keep_teacher=False)
+    assert kept.model.state_dict().keys() == let_go.model.state_dict().keys()
+    assert all(
+        torch.equal(value, let_go.model.state_dict()[name]) for name, value in kept.model.state_dict().items()
+    )
+    assert kept.record.flops_original == let_go.record.flops_original
+    for sub in sublayers(teacher):
+        assert all(p.numel() == 0 for p in sub.module.parameters())  # every encoder layer
+    assert all(reference() is None for reference in encoder.values())  # nothing holds the old tensors
+    assert all(p.numel() for p in head_input_map(teacher).parameters())  # the head stays: the loop reads it
+
+
+def test_only_the_loop_s_own_teacher_stream_lets_the_teacher_go():
+    teacher = tiny_model("bert")
+    batches = make_batches(tiny_sample(), 8, "cpu")
+    with pytest.raises(ValueError, match="keep_teacher=False"):
+        iterate(teacher, batches, KPruneConfig(flops_keep=0.5), teacher_side=TeacherStream(teacher, batches),
+                keep_teacher=False)  # fmt: skip
 
 
 def test_the_student_shares_no_memory_with_the_teacher():
