@@ -68,6 +68,7 @@ NAME = "accuracy"
 REFERENCE = "kwon"  # the method every other is compared with, row by row
 PAPER = "kprune-paper"  # the default is also compared with the paper preset, row by row
 PAIRED_WITH = (REFERENCE, PAPER)
+DEFAULT = "kprune"  # and every method with the default, row by row (for the ablations)
 
 
 def selected_methods(args: argparse.Namespace) -> list[str]:
@@ -260,7 +261,8 @@ def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
 
 def summarise(rows: dict, methods: list[str], budgets: list[float]) -> list[dict]:
     """Per method and budget: accuracy (and out-of-domain agreement) with standard errors and the paired
-    differences to Kwon et al. and to the paper preset, each row averaged over the seeds first."""
+    differences to Kwon et al., to the paper preset and to the default, each row averaged over the seeds
+    first."""
 
     def averaged(method, budget, kind, seeds):
         vectors = [vector for (m, b, seed), (correct, agree) in rows.items()
@@ -284,7 +286,7 @@ def summarise(rows: dict, methods: list[str], budgets: list[float]) -> list[dict
                 if values is None:
                     continue
                 entry[name], entry[f"{name}_se"] = mean_and_error(values)
-                for other in PAIRED_WITH:
+                for other in (*PAIRED_WITH, DEFAULT):
                     # On the same rows and seeds: no difference where the other method lacks a seed.
                     if method == other or not set(seeds) <= set(seeds_of(other, budget)):
                         continue
@@ -399,6 +401,25 @@ def table(summary: list[dict], methods: list[str], budgets: list[float], labels:
 
     headers = ["method"] + [f"{budget:g} kept" for budget in budgets]
     return markdown_table(headers, [[labels[m]] + [cell(m, b) for b in budgets] for m in methods])
+
+
+def default_pairs_table(summary: list[dict], methods: list[str], budgets: list[float], labels) -> str | None:
+    """Each other method's accuracy minus the default's on the same rows and seeds (points ± paired
+    standard error), or None when no method has that pairing."""
+    by = {(entry["method"], entry["flops_keep"]): entry for entry in summary}
+    key = f"accuracy_minus_{DEFAULT}"
+    paired = [m for m in methods if any(key in by.get((m, b), {}) for b in budgets)]
+    if not paired:
+        return None
+
+    def cell(method: str, budget: float) -> str:
+        entry = by.get((method, budget), {})
+        if key not in entry:
+            return "-"
+        return f"{100 * entry[key]:+.2f} ± {100 * entry[key + '_se']:.2f}"
+
+    headers = ["method minus the default"] + [f"{budget:g} kept" for budget in budgets]
+    return markdown_table(headers, [[labels[m]] + [cell(m, b) for b in budgets] for m in paired])
 
 
 def scored_rows(args, prepared):
@@ -637,6 +658,9 @@ def report(out: Path, payload: dict) -> str:
             f"{entry['scored_on']} rows; out-of-domain texts: {entry['ood']}\n\n"
             + table(entry["summary"], methods, budgets, labels)
         )
+        pairs = default_pairs_table(entry["summary"], methods, budgets, labels)
+        if pairs is not None:
+            sections.append(f"Paired on the same rows and seeds, accuracy points:\n\n{pairs}")
     finished = len([run for run in payload["runs"] if "error" not in run])
     planned = len(settings["teachers"]) * len(methods) * len(budgets) * len(settings["seeds"])
     notes = [

@@ -147,6 +147,10 @@ def test_accuracy_merge_pools_parallel_invocations_and_pairs_only_on_shared_seed
     difference = (kprune - kwon) / 2
     assert entry["seeds"] == [0, 1]
     assert entry["accuracy_minus_kwon"] == pytest.approx(float(difference.mean()))
+    kwon_entry = next(e for e in pooled["teachers"][0]["summary"] if e["method"] == "kwon")
+    assert kwon_entry["accuracy_minus_kprune"] == pytest.approx(-float(difference.mean()))
+    assert kwon_entry["accuracy_minus_kprune_se"] == pytest.approx(entry["accuracy_minus_kwon_se"])
+    assert "| method minus the default |" in (tmp_path / "zero" / "accuracy.md").read_text()
 
     accuracy.main(invocation("other", "kwon", 0, tokens=120))
     with pytest.raises(SystemExit, match="--merge: .* sample_tokens 120"):
