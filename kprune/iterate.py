@@ -309,15 +309,27 @@ def search(
     return keep[: subs[0].num_units]
 
 
-def check_part(batches: Batches, config: KPruneConfig, device: torch.device) -> list[torch.Tensor]:
-    """Per batch, bool (B,): which of its sequences are held out to check the tuning (none without a check
-    part)."""
+def check_part(batches: Batches, config: KPruneConfig) -> list[torch.Tensor]:
+    """Per batch, bool (B,) on the host: which of its sequences are held out to check the tuning (none
+    without a check part)."""
     sizes = [len(batch["attention_mask"]) for batch in batches]
     if config.check_fraction > 0 and sum(sizes) > 1:
         held = check_sequences(sum(sizes), config.check_fraction, config.seed)
     else:
         held = torch.zeros(sum(sizes), dtype=torch.bool)
-    return list(held.to(device).split(sizes))
+    return list(held.split(sizes))
+
+
+def host_masks(batches: Batches) -> list[torch.Tensor]:
+    """Each batch's attention mask on the host. The tunings choose their rows there: choosing them on a GPU
+    (a boolean index) waits for it at every batch; the loop reads these once."""
+    return [batch["attention_mask"].cpu() for batch in batches]
+
+
+def gather_rows(batch: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """The rows of a (B, S, ...) tensor where the host's bool (B, S) ``taken`` holds, in order: (n, ...)."""
+    index = taken.flatten().nonzero().squeeze(1).to(batch.device, non_blocking=True)
+    return batch.flatten(0, 1).index_select(0, index)
 
 
 @torch.no_grad()
@@ -330,13 +342,15 @@ def tune(
     targets: Iterable[torch.Tensor],
     config: KPruneConfig,
     kept_features: OffloadedStates | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, TuneReport]:
     """Least-squares output projection of sublayer t's kept units (None when tuning is off).
 
     Only the kept units' features are computed: the input maps are sliced to them first. With
     config.check_fraction, the statistics of the seeded check sequences are kept apart (the same features,
     no extra pass) to choose the tuning strength (kprune.tune.solve_towards_current). kept_features, when
-    given, receives each batch's features, which ``advance`` then reuses instead of computing them again."""
+    given, receives each batch's features, which ``advance`` then reuses instead of computing them again.
+    masks: the batches' attention masks on the host (host_masks; read from the batches when not given)."""
     sub = Sublayer(student, t)
     device = sub.output.weight.device
     keep = keep.cpu()  # the features' keep stays on the host (Sublayer.features)
@@ -345,9 +359,11 @@ def tune(
     first_token_only = reads_first_token_only(student, t, config)
     fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
     check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
-    in_check = check_part(batches, config, device)
-    for hidden, batch, target, checked in zip(student_hidden, batches, targets, in_check, strict=True):
-        rows = tuning_rows(batch["attention_mask"], first_token_only)
+    in_check = check_part(batches, config)
+    masks = masks if masks is not None else host_masks(batches)
+    batches_in = zip(student_hidden, batches, targets, in_check, masks, strict=True)
+    for hidden, batch, target, checked, mask in batches_in:
+        rows = tuning_rows(mask, first_token_only)
         features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
         if kept_features is not None:
             kept_features.append(features)
@@ -357,7 +373,7 @@ def tune(
                 (check, rows[part] & checked[part, None]),
                 (fit, rows[part] & ~checked[part, None]),
             ):
-                stats.add(features[part][taken], residual[taken])
+                stats.add(gather_rows(features[part], taken), gather_rows(residual, taken))
     current = sub.output.weight[:, columns]
     if not config.tune_weights:
         error = (fit + check).error(current)
@@ -375,31 +391,34 @@ def tune_head(
     teacher_hidden: Callable[[], Iterable[torch.Tensor]],
     batches: Batches,
     config: KPruneConfig,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, TuneReport]:
     """The head's first linear map refitted, as [weight | bias] (out, d + 1): its inputs are the pruned
     student's last hidden states, its targets the teacher's output of the same map on the teacher's last
     hidden states, on the rows the head reads (each sequence's first token; every token for QA); the
     strength is chosen on the check sequences (kprune.tune.solve_towards_current). teacher_hidden gives
-    the teacher's last hidden states, called only here (a persisted head never reads them)."""
+    the teacher's last hidden states, called only here (a persisted head never reads them). masks: as
+    ``tune``'s."""
     student_map, teacher_map = head_input_map(student), head_input_map(teacher)
     device = student_map.weight.device
     width = student_map.in_features + 1  # the bias is the weight of a constant feature
     fit = LeastSquaresStats(width, student_map.out_features, device=device)
     check = LeastSquaresStats(width, student_map.out_features, device=device)
-    in_check = check_part(batches, config, device)
+    in_check = check_part(batches, config)
+    masks = masks if masks is not None else host_masks(batches)
     first_token_only = task_of(student) != QUESTION_ANSWERING
     check_rows: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # student's, teacher's
-    batches_in = zip(student_hidden, teacher_hidden(), batches, in_check, strict=True)
-    for hidden, teacher_last, batch, checked in batches_in:
-        rows = tuning_rows(batch["attention_mask"], first_token_only)
+    batches_in = zip(student_hidden, teacher_hidden(), in_check, masks, strict=True)
+    for hidden, teacher_last, checked, mask in batches_in:
+        rows = tuning_rows(mask, first_token_only)
         held = rows & checked[:, None]
         for stats, part in ((fit, rows & ~checked[:, None]), (check, held)):
-            inputs = hidden[part]
+            inputs = gather_rows(hidden, part)
             features = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1)
-            stats.add(features, teacher_map(teacher_last[part]))
+            stats.add(features, teacher_map(gather_rows(teacher_last, part)))
         if first_token_only:
-            check_rows[0].append(hidden[held])
-            check_rows[1].append(teacher_last[held])
+            check_rows[0].append(gather_rows(hidden, held))
+            check_rows[1].append(gather_rows(teacher_last, held))
     current = torch.cat([student_map.weight, student_map.bias[:, None]], dim=1)  # every family's has a bias
     # A classifier's map feeds a nonlinearity and a classifier that read few directions of its output: its
     # candidates are judged by the logits they give (QA's map gives the logits: its own error is theirs).
@@ -568,6 +587,7 @@ def iterate(
     total = len(sublayers(student))
     budget_flops = config.flops_keep * encoder_flops_of(teacher, seq_len)
     hidden = hidden_states(teacher_side.encoder_input(), offload)
+    masks = host_masks(batches)
 
     tunes_head = config.tune_head and config.tune_weights
     steps = []
@@ -599,7 +619,8 @@ def iterate(
         # recomputing them; in an accelerator's memory they would be one more whole-sample copy.
         kept_features = OffloadedStates() if offload and not last else None
         weight, report = store.tuned(
-            t, functools.partial(tune, student, t, keep, hidden, batches, targets, config, kept_features)
+            t,
+            functools.partial(tune, student, t, keep, hidden, batches, targets, config, kept_features, masks),
         )
         seconds = time.perf_counter() - step_started
         record = prune_sublayer(
@@ -633,7 +654,7 @@ def iterate(
     head_report = None
     if tunes_head:
         tune_the_head = functools.partial(
-            tune_head, student, teacher, hidden, teacher_side.final_hidden, batches, config
+            tune_head, student, teacher, hidden, teacher_side.final_hidden, batches, config, masks
         )
         head_weight, head_report = store.head(tune_the_head)
         set_head(student, head_weight)  # the head's own weights when they were better on the check part

@@ -380,7 +380,7 @@ def unchunked_tuning(teacher, keep, batches):
     sub, config = Sublayer(teacher, 0), KPruneConfig(0.5)
     columns = keep.repeat_interleave(sub.width)
     stats = [LeastSquaresStats(int(columns.sum()), sub.output.out_features) for _ in range(2)]
-    checked = check_part(batches, config, torch.device("cpu"))
+    checked = check_part(batches, config)
     with torch.no_grad():
         for batch, held in zip(batches, checked, strict=True):
             state, mask = encoder_input(teacher, batch), batch["attention_mask"]
