@@ -357,8 +357,9 @@ def tune(
     columns = keep.to(device).repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
     first_token_only = reads_first_token_only(student, t, config)
-    fit = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
-    check = LeastSquaresStats(int(columns.sum()), sub.output.out_features, device=device)
+    width = int(keep.sum()) * sub.width  # features kept, counted on the host: no wait for a GPU
+    fit = LeastSquaresStats(width, sub.output.out_features, device=device)
+    check = LeastSquaresStats(width, sub.output.out_features, device=device)
     in_check = check_part(batches, config)
     masks = masks if masks is not None else host_masks(batches)
     batches_in = zip(student_hidden, batches, targets, in_check, masks, strict=True)

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.io import load_pruned
-from kprune.iterate import StepStore, TeacherStream, iterate, set_head
+from kprune.iterate import StepStore, TeacherStream, host_masks, iterate, set_head
 from kprune.knowledge import Knowledge
 from kprune.models import load_model, model_batch, resolve_device
 from kprune.record import PruneRecord, StepRecord
@@ -151,7 +151,7 @@ class CalibrationFiles:
     """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
 
     def __init__(self, teacher: nn.Module, batches: Batches, device: torch.device, calibration: Path):
-        self.masks = [mask.cpu() for mask in token_masks(batches)]
+        self.masks = host_masks(batches)
         self.teacher, self.device, self.calibration = teacher, device, calibration
         self.logits = store.read_tokens(
             calibration / "teacher_logits.arrow", logit_masks(task_of(teacher), batches), device
