@@ -563,18 +563,18 @@ def iterate(
 ) -> PruneResult:
     """Run K-prune on ``teacher`` over the sample ``batches``, one iteration per sublayer.
 
-    keep_teacher: False lets each of the teacher's sublayers go once the loop no longer needs it (the
-        student's pruned sublayers are new tensors, so the prune then holds about one model instead of
-        two); the teacher is unusable afterwards. True (default): the teacher is not modified.
-    teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed;
-        keep_teacher=False needs this default).
+    keep_teacher: False says the caller needs the teacher no more: the loop's own teacher stream lets each
+        of its sublayers go once passed (the student's pruned sublayers are new tensors, so the prune then
+        holds about one model instead of two), and the student keeps what it still shares with the teacher
+        (embeddings, head) instead of copying it; the teacher is unusable afterwards. A teacher side given
+        by the caller lets go as it was built to (the pipeline's CalibrationFiles(release=True)).
+        True (default): the teacher is not modified and shares no memory with the pruned model.
+    teacher_side: where the teacher's soft labels and targets come from (default: computed, streamed).
     store: where each iteration's results live (default: nowhere; a persisted store resumes).
     offload: keep the student's and the teacher's whole-sample hidden states in temporary files, read
         one batch at a time (default: on the CPU; see kprune.memory).
     on_step: called with each new iteration's record.
     """
-    if teacher_side is not None and not keep_teacher:
-        raise ValueError("keep_teacher=False lets the teacher go as the loop's own teacher stream passes it")
     started = time.perf_counter()
     teacher.eval()
     student = student_of(teacher)
@@ -666,7 +666,8 @@ def iterate(
             head_report.strength,
         )
     release_freed_memory()  # before the copies below, which would otherwise sit on top of the leftovers
-    own_parameters(student, teacher)
+    if keep_teacher:
+        own_parameters(student, teacher)
     record = build_record(
         teacher,
         student,

@@ -112,7 +112,7 @@ def calibrate_flow(batch_size: int, device: str = "auto", folders: Folders = PIP
     batches = sample_batches(teacher, batch_size, device, folders)
     calibration = folders.calibration
     calibration.mkdir(parents=True, exist_ok=True)
-    stream = TeacherStream(teacher, batches)
+    stream = TeacherStream(teacher, batches, release=True)  # loaded for this stage alone
     write_teacher_outputs(stream, batches, task_of(teacher), calibration)
     total = len(sublayers(teacher))
     for t in tqdm(range(total), desc="calibrate sublayers"):
@@ -148,11 +148,24 @@ def write_targets(stream: TeacherStream, t: int, batches: Batches, calibration: 
 
 
 class CalibrationFiles:
-    """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time."""
+    """The teacher's side of the K-prune loop read back from the calibrate stage, one batch at a time.
 
-    def __init__(self, teacher: nn.Module, batches: Batches, device: torch.device, calibration: Path):
+    The teacher's sublayers are never run here, so with release=True each one is let go once the loop
+    has read its targets through (Sublayer.release_weights; the teacher is then unusable): the prune
+    stage loads the teacher only to prune it."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        batches: Batches,
+        device: torch.device,
+        calibration: Path,
+        release: bool = False,
+    ):
         self.masks = host_masks(batches)
-        self.teacher, self.device, self.calibration = teacher, device, calibration
+        self.teacher, self.device, self.calibration, self.release = teacher, device, calibration, release
+        # The one part of a sublayer read here (final_hidden), kept apart from what release lets go.
+        self.last_norm = copy.deepcopy(Sublayer(teacher, len(sublayers(teacher)) - 1).layer_norm)
         self.logits = store.read_tokens(
             calibration / "teacher_logits.arrow", logit_masks(task_of(teacher), batches), device
         )
@@ -161,13 +174,18 @@ class CalibrationFiles:
         return store.iter_tokens(self.calibration / "hidden_in.arrow", self.masks, self.device)
 
     def targets(self, t: int) -> Iterator[torch.Tensor]:
+        yield from self._read_targets(t)
+        if self.release:
+            Sublayer(self.teacher, t).release_weights()
+
+    def _read_targets(self, t: int) -> Iterator[torch.Tensor]:
         return store.iter_tokens(self.calibration / f"targets_{t:02d}.arrow", self.masks, self.device)
 
     @torch.no_grad()
     def final_hidden(self) -> Iterator[torch.Tensor]:
         """The last sublayer's targets through its LayerNorm: the teacher's last hidden states."""
-        last = Sublayer(self.teacher, len(sublayers(self.teacher)) - 1)
-        return (last.layer_norm(target) for target in self.targets(last.index))
+        last = len(sublayers(self.teacher)) - 1
+        return (self.last_norm(target) for target in self._read_targets(last))
 
 
 # ---------------------------------------------------------------- prune: persisted iteration files
@@ -424,10 +442,12 @@ def prune_flow(
         teacher,
         batches,
         config,
-        teacher_side=CalibrationFiles(teacher, batches, device, folders.calibration),
+        # The stage loaded the teacher to prune it and keeps the record alone: both may let it go.
+        teacher_side=CalibrationFiles(teacher, batches, device, folders.calibration, release=True),
         store=IterationFiles(
             prune_run_key(config, folders.calibration), len(sublayers(teacher)), folders.iterations
         ),
+        keep_teacher=False,
     )
     return result.record
 

@@ -19,9 +19,10 @@ import yaml
 from pipeline_project import SUBLAYERS, dvc, servers_of, stages_run, wait_until
 
 import kprune
+from kprune.iterate import iterate
 from kprune.models import load_model
 from kprune.search import budget_limit
-from kprune.sublayer import unit_counts
+from kprune.sublayer import sublayers, unit_counts
 from pipeline import store
 
 pytestmark = pytest.mark.slow
@@ -64,6 +65,34 @@ def test_the_exported_model_is_bit_identical_to_kprune_prune(reference):
     assert exported.state_dict().keys() == expected.keys()
     for name, value in exported.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_the_prune_stage_lets_its_teacher_go_and_prunes_alike(reference, tmp_path):
+    """The prune stage's teacher side reads the calibration files and never runs the teacher: with
+    release=True each of the teacher's sublayers is let go once the loop has read its targets through,
+    and the loop prunes as it does with the teacher kept."""
+    from pipeline.flows import CalibrationFiles, load_teacher, sample_batches
+    from pipeline.project import Folders
+
+    project, cpu = reference.project, torch.device("cpu")
+    data = project / "data"
+    folders = Folders(data / "prepared", data / "teacher", data / "calibration", tmp_path, tmp_path)
+    params = yaml.safe_load((project / "params.yaml").read_text())["prune"]
+    config = kprune.KPruneConfig(**{name: value for name, value in params.items() if name != "device"})
+    models = {}
+    for release in (False, True):
+        teacher = load_teacher(cpu, folders)
+        batches = sample_batches(teacher, config.batch_size, cpu, folders)
+        side = CalibrationFiles(teacher, batches, cpu, folders.calibration, release=release)
+        result = iterate(
+            teacher, batches, config, teacher_side=side, keep_teacher=not release, progress=False
+        )
+        models[release] = result.model.state_dict()
+        let_go = [p.numel() == 0 for sub in sublayers(teacher) for p in sub.module.parameters()]
+        assert all(let_go) if release else not any(let_go)
+    assert models[True].keys() == models[False].keys()
+    for name, value in models[False].items():
+        assert torch.equal(value, models[True][name]), name
 
 
 def test_an_experiment_on_the_budget_reruns_only_prune_and_after_on_one_shared_server(workspace):
