@@ -60,6 +60,8 @@ from kprune.tune import (
     LeastSquaresStats,
     TuneReport,
     check_sequences,
+    gather_rows,
+    host_masks,
     solve_output_projection,
     solve_towards_current,
     tuning_rows,
@@ -318,18 +320,6 @@ def check_part(batches: Batches, config: KPruneConfig) -> list[torch.Tensor]:
     else:
         held = torch.zeros(sum(sizes), dtype=torch.bool)
     return list(held.split(sizes))
-
-
-def host_masks(batches: Batches) -> list[torch.Tensor]:
-    """Each batch's attention mask on the host. The tunings choose their rows there: choosing them on a GPU
-    (a boolean index) waits for it at every batch; the loop reads these once."""
-    return [batch["attention_mask"].cpu() for batch in batches]
-
-
-def gather_rows(batch: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-    """The rows of a (B, S, ...) tensor where the host's bool (B, S) ``taken`` holds, in order: (n, ...)."""
-    index = taken.flatten().nonzero().squeeze(1).to(batch.device, non_blocking=True)
-    return batch.flatten(0, 1).index_select(0, index)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ Two solvers:
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +288,18 @@ def tuning_rows(attention_mask: Tensor, first_token_only: bool) -> Tensor:
     rows = torch.zeros_like(attention_mask, dtype=torch.bool)
     rows[:, 0] = True
     return rows
+
+
+def host_masks(batches: Sequence[Mapping[str, Tensor]]) -> list[Tensor]:
+    """Each batch's attention mask on the host. The tunings choose their rows there: choosing them on a GPU
+    (a boolean index) waits for it at every batch; the loop reads these once."""
+    return [batch["attention_mask"].cpu() for batch in batches]
+
+
+def gather_rows(batch: Tensor, taken: Tensor) -> Tensor:
+    """The rows of a (B, S, ...) tensor where the host's bool (B, S) ``taken`` holds, in order: (n, ...)."""
+    index = taken.flatten().nonzero().squeeze(1).to(batch.device, non_blocking=True)
+    return batch.flatten(0, 1).index_select(0, index)
 
 
 def check_sequences(num_sequences: int, fraction: float, seed: int) -> Tensor:

@@ -45,13 +45,13 @@ from transformers import AutoTokenizer
 from kprune.arch import QUESTION_ANSWERING, family_of, task_of
 from kprune.config import KPruneConfig
 from kprune.io import load_pruned
-from kprune.iterate import StepStore, TeacherStream, host_masks, iterate, set_head
+from kprune.iterate import StepStore, TeacherStream, iterate, set_head
 from kprune.knowledge import Knowledge
 from kprune.models import load_model, model_batch, resolve_device
 from kprune.record import PruneRecord, StepRecord
 from kprune.sample import MODEL_INPUTS, make_batches
 from kprune.sublayer import Sublayer, sublayers
-from kprune.tune import TuneReport
+from kprune.tune import TuneReport, host_masks
 from pipeline import store
 from pipeline.faults import kill_point
 from pipeline.project import PIPELINE_FOLDERS, Folders

@@ -18,6 +18,8 @@ from kprune.sublayer import Sublayer, sublayers
 from kprune.tune import (
     EXACT_RELATIVE_ERROR,
     LeastSquaresStats,
+    gather_rows,
+    host_masks,
     ridged,
     solve_normal_equations,
     tuning_rows,
@@ -181,11 +183,14 @@ def rescale_masks(
         for rows in micro_batches(*batch["attention_mask"].shape, max_tokens)
     ]
     attention_masks = [piece["attention_mask"] for piece in pieces]
+    rows_on_host = host_masks(pieces)  # read once: choosing rows on a GPU waits for it at every batch
     shapes = [tuple(mask.shape) for mask in attention_masks]
     student = hidden_state_buffer((encoder_input(model, dict(piece)) for piece in pieces), shapes, offload)
     target = hidden_state_buffer(iter(student), shapes, offload)
     try:
-        return _rescale(model, keeps, target_keeps, student, target, attention_masks, ridge, max_scale)
+        return _rescale(
+            model, keeps, target_keeps, student, target, attention_masks, rows_on_host, ridge, max_scale
+        )
     finally:
         for states in (student, target):
             if isinstance(states, OffloadedStates):
@@ -199,6 +204,7 @@ def _rescale(
     student: HiddenStates,
     target: HiddenStates,
     attention_masks: Sequence[Tensor],
+    host_attention_masks: Sequence[Tensor],
     ridge: float,
     max_scale: float,
 ) -> tuple[list[Tensor], list[RescaleReport]]:
@@ -226,7 +232,8 @@ def _rescale(
         for number, attention_mask in enumerate(attention_masks):
             residual = masked_sublayer(sub, target[number], attention_mask, target_mask)[0]
             if stats is not None:
-                _add_scale_rows(stats, sub, kept, student[number], residual, attention_mask, cls_only)
+                rows = tuning_rows(host_attention_masks[number], cls_only)
+                _add_scale_rows(stats, sub, kept, student[number], residual, attention_mask, rows)
             target[number] = sub.layer_norm(residual)
         if stats is None:
             reports.append(RescaleReport(status))
@@ -280,11 +287,11 @@ def _add_scale_rows(
     hidden: Tensor,
     residual: Tensor,
     attention_mask: Tensor,
-    cls_only: bool,
+    rows: Tensor,
 ) -> None:
-    """One batch's rows of the normal equations: its real tokens ([CLS] only if cls_only), the student's
-    features of the kept units against the target's residual minus the student's input and the bias."""
+    """One batch's rows of the normal equations (rows: the host's bool (B, S) of the tokens taken, see
+    kprune.tune.tuning_rows), the student's features of the kept units against the target's residual
+    minus the student's input and the bias."""
     bias = sub.output.bias if sub.output.bias is not None else 0.0
-    rows = tuning_rows(attention_mask, cls_only)
     features = sub.features(hidden, attention_mask)[:, :, kept.to(hidden.device)]
-    stats.add(features[rows], (residual - hidden - bias)[rows])
+    stats.add(gather_rows(features, rows), gather_rows(residual - hidden - bias, rows))
