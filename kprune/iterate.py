@@ -77,9 +77,10 @@ HiddenStates = list[torch.Tensor] | OffloadedStates  # one (B, S, d) tensor per 
 
 
 class TeacherSide(Protocol):
-    """What the loop needs of the teacher: its soft labels (per batch; only those of ``knowledge_batches``
-    are read), the hidden states entering layer 0 (per batch), at sublayer t its pre-LayerNorm residual
-    sums (the tuning targets) batch by batch, and, for the head's tuning, its last hidden states."""
+    """What the loop needs of the teacher: its soft labels (per batch, best on the host; only those of
+    ``knowledge_batches`` are read), the hidden states entering layer 0 (per batch), at sublayer t its
+    pre-LayerNorm residual sums (the tuning targets) batch by batch, and, for the head's tuning, its last
+    hidden states."""
 
     logits: Sequence[torch.Tensor | None]
 
@@ -131,8 +132,10 @@ class TeacherStream:
         self.teacher, self.batches, self.sublayer, self.release = teacher, batches, 0, release
         wanted = set(range(len(batches)) if logit_batches is None else logit_batches)
         with torch.no_grad():
+            # On the host: the measurement's Hessian factors are computed there (kprune.knowledge), so a
+            # GPU waits once per batch here instead of once per micro-batch and step there.
             self.logits = [
-                model_logits(teacher, batch) if index in wanted else None
+                model_logits(teacher, batch).cpu() if index in wanted else None
                 for index, batch in enumerate(batches)
             ]
             self.hidden = hidden_states((encoder_input(teacher, batch) for batch in batches), offload)

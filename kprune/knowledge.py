@@ -89,7 +89,9 @@ def loss_hessian_factor(
     projections: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """R with R^T R = Hessian of the per-example distillation loss in the logits: (B, rows, *logit_shape)."""
+    """R with R^T R = Hessian of the per-example distillation loss in the logits: (B, rows, *logit_shape),
+    on teacher_logits' device (the loop keeps them on the host: a classifier's factor comes from eigh,
+    whose error check would wait for a GPU at every call)."""
     teacher_logits = teacher_logits.detach().double()
     if task == REGRESSION:
         outputs = teacher_logits.shape[1]
@@ -106,6 +108,7 @@ def loss_hessian_factor(
             return rows
         return _projected_softmax_factor(probs, projections, generator)
     if task == QUESTION_ANSWERING:
+        teacher_logits = teacher_logits.to(attention_mask.device, non_blocking=True)
         valid = attention_mask.bool()[:, :, None]
         masked = (teacher_logits / temperature).masked_fill(~valid, float("-inf"))
         probs = F.softmax(masked, dim=1)  # (B, S, 2): start and end distributions over valid positions
@@ -168,7 +171,9 @@ def measure_knowledge(
 ) -> list[Knowledge]:
     """Knowledge of every unit of ``subs`` (the current sublayer and all above it, bottom-up).
 
-    ``hidden_batches[b]`` is the student's input to ``subs[0]`` for batch b; the forward runs from
+    ``hidden_batches[b]`` is the student's input to ``subs[0]`` for batch b and ``teacher_logits[b]`` the
+    teacher's logits of it, on any device (on the host, a classifier's Hessian factor is computed there
+    and copied without waiting for a GPU); the forward runs from
     there to the logits with one mask variable per (example, unit), so one backward pass per Hessian
     row yields per-example gradients. Each batch goes through in micro-batches of at most ``max_tokens``
     padded tokens, which bounds the autograd graph; per-example gradients do not depend on the split.
@@ -279,8 +284,10 @@ def _measure_micro_batch(
         return squared_features, gradients
     if predictive == FISHER:
         factor = loss_hessian_factor(task, logits_t, attention_mask, temperature, projections, generator)
-        outputs = [(row * logits).sum() for row in factor.to(logits.dtype).unbind(1)]
+        factor = factor.to(device=logits.device, dtype=logits.dtype, non_blocking=True)
+        outputs = [(row * logits).sum() for row in factor.unbind(1)]
     else:
+        logits_t = logits_t.to(logits.device, non_blocking=True)
         loss = distillation_loss(task, logits, logits_t, attention_mask, temperature)
         outputs = [loss.sum() / batch_rows]
     for number, output in enumerate(outputs):

@@ -166,8 +166,9 @@ class CalibrationFiles:
         self.teacher, self.device, self.calibration, self.release = teacher, device, calibration, release
         # The one part of a sublayer read here (final_hidden), kept apart from what release lets go.
         self.last_norm = copy.deepcopy(Sublayer(teacher, len(sublayers(teacher)) - 1).layer_norm)
+        # On the host, as the loop's own teacher stream keeps them (kprune.iterate.TeacherStream).
         self.logits = store.read_tokens(
-            calibration / "teacher_logits.arrow", logit_masks(task_of(teacher), batches), device
+            calibration / "teacher_logits.arrow", logit_masks(task_of(teacher), batches)
         )
 
     def encoder_input(self) -> Iterator[torch.Tensor]:
