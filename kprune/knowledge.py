@@ -90,8 +90,8 @@ def loss_hessian_factor(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """R with R^T R = Hessian of the per-example distillation loss in the logits: (B, rows, *logit_shape),
-    on teacher_logits' device (the loop keeps them on the host: a classifier's factor comes from eigh,
-    whose error check would wait for a GPU at every call)."""
+    on teacher_logits' device, QA's on the attention mask's (the loop keeps the logits on the host: a
+    classifier's factor comes from eigh, whose error check would wait for a GPU at every call)."""
     teacher_logits = teacher_logits.detach().double()
     if task == REGRESSION:
         outputs = teacher_logits.shape[1]
