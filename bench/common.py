@@ -59,74 +59,79 @@ Prune = Callable[[torch.nn.Module, dict, torch.Tensor, float], PruneResult]
 class Method:
     label: str  # the name in tables and plots
     run: Prune  # (teacher, sample, labels, flops_keep) -> PruneResult; the teacher must stay unchanged
+    # run also takes keep_teacher=False (K-prune's): it may let the teacher go as it prunes, for a caller
+    # that loaded the teacher for this run alone
+    lets_teacher_go: bool = False
 
 
-def _kprune(**options) -> Prune:
+def _kprune(label: str, **options) -> Method:
     def run(teacher, sample, labels, keep, keep_teacher: bool = True) -> PruneResult:
         return kprune.prune(
             teacher, sample, keep, device=DEVICE, progress=False, keep_teacher=keep_teacher, **options
         )
 
-    return run
+    return Method(label, run, lets_teacher_go=True)
 
 
 # One line per method; the key is what --methods takes. "kprune" is the default preset, the others of
 # K-prune are ablations of it, but "kprune-paper+..." which add ONE new piece to the paper preset.
 METHODS: dict[str, Method] = {
-    "kprune": Method("K-prune (default preset)", _kprune()),
-    "kprune-paper": Method("K-prune, paper preset", _kprune(preset=PAPER)),
-    "kprune-paper+check": Method(
-        "paper + checked tuning (1)",
-        _kprune(preset=PAPER, check_fraction=PRESETS[DEFAULT]["check_fraction"]),
+    "kprune": _kprune("K-prune (default preset)"),
+    "kprune-paper": _kprune("K-prune, paper preset", preset=PAPER),
+    "kprune-paper+check": _kprune(
+        "paper + checked tuning (1)", preset=PAPER, check_fraction=PRESETS[DEFAULT]["check_fraction"]
     ),
-    "kprune-paper+first-token": Method(
-        "paper + first-token last layer (2)", _kprune(preset=PAPER, head_positions=True)
+    "kprune-paper+first-token": _kprune(
+        "paper + first-token last layer (2)", preset=PAPER, head_positions=True
     ),
-    "kprune-paper+head": Method(
+    "kprune-paper+head": _kprune(
         "paper + head tuning (4)",
-        _kprune(preset=PAPER, tune_head=True, check_fraction=PRESETS[DEFAULT]["check_fraction"]),
+        preset=PAPER,
+        tune_head=True,
+        check_fraction=PRESETS[DEFAULT]["check_fraction"],
     ),
-    "kprune-paper+scales": Method(
+    "kprune-paper+scales": _kprune(
         "paper + mean knowledge scales (3)",
-        _kprune(preset=PAPER, knowledge_scale="mean", lam_rep=PRESETS[DEFAULT]["lam_rep"]),
+        preset=PAPER,
+        knowledge_scale="mean",
+        lam_rep=PRESETS[DEFAULT]["lam_rep"],
     ),
     # Leave-one-out: the default without one of its pieces (at the default's cost, not the paper's).
-    "kprune-no-check": Method(
-        "default without checked tuning (-1)", _kprune(check_fraction=PRESETS[PAPER]["check_fraction"])
+    "kprune-no-check": _kprune(
+        "default without checked tuning (-1)", check_fraction=PRESETS[PAPER]["check_fraction"]
     ),
-    "kprune-all-positions": Method(
-        "default without first-token last layer (-2)",
-        _kprune(head_positions=PRESETS[PAPER]["head_positions"]),
+    "kprune-all-positions": _kprune(
+        "default without first-token last layer (-2)", head_positions=PRESETS[PAPER]["head_positions"]
     ),
-    "kprune-raw-scales": Method(
+    "kprune-raw-scales": _kprune(
         "default without mean knowledge scales (-3)",
-        _kprune(knowledge_scale=PRESETS[PAPER]["knowledge_scale"], lam_rep=PRESETS[PAPER]["lam_rep"]),
+        knowledge_scale=PRESETS[PAPER]["knowledge_scale"],
+        lam_rep=PRESETS[PAPER]["lam_rep"],
     ),
-    "kprune-no-head": Method(
-        "default without head tuning (-4)", _kprune(tune_head=PRESETS[PAPER]["tune_head"])
-    ),
+    "kprune-no-head": _kprune("default without head tuning (-4)", tune_head=PRESETS[PAPER]["tune_head"]),
     "kwon": Method(
         "Kwon et al. (Mask-Tuning)", lambda t, s, y, k: kwon_prune(t, s, k, labels=y, device=DEVICE)
     ),
     "magnitude": Method("magnitude", lambda t, s, y, k: magnitude_prune(t, s, k, device=DEVICE)),
-    "kprune-no-tuning": Method("K-prune w/o weight tuning", _kprune(tune_weights=False)),
-    "kprune-pred-only": Method("K-prune predictive only", _kprune(lam_rep=0.0)),
-    "kprune-rep-only": Method("K-prune representational only", _kprune(lam_pred=0.0)),
-    "kprune-exact": Method(
+    "kprune-no-tuning": _kprune("K-prune w/o weight tuning", tune_weights=False),
+    "kprune-pred-only": _kprune("K-prune predictive only", lam_rep=0.0),
+    "kprune-rep-only": _kprune("K-prune representational only", lam_pred=0.0),
+    "kprune-exact": _kprune(
         "K-prune, knowledge at every sublayer on every token",
-        _kprune(rescore=SUBLAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
+        rescore=SUBLAYER_RESCORE,
+        knowledge_tokens=ALL_TOKENS,
     ),
-    "kprune-fast": Method(
+    "kprune-fast": _kprune(
         "K-prune, knowledge at every sublayer on 25k tokens",
-        _kprune(rescore=SUBLAYER_RESCORE, knowledge_tokens=25_000),
+        rescore=SUBLAYER_RESCORE,
+        knowledge_tokens=25_000,
     ),
-    "kprune-layer": Method(
-        "K-prune, re-scored once per layer on every token",
-        _kprune(rescore=LAYER_RESCORE, knowledge_tokens=ALL_TOKENS),
+    "kprune-layer": _kprune(
+        "K-prune, re-scored once per layer on every token", rescore=LAYER_RESCORE, knowledge_tokens=ALL_TOKENS
     ),
-    "kprune-bf16": Method("K-prune, knowledge measured in bfloat16", _kprune(knowledge_precision=BFLOAT16)),
-    "kprune-batch-gradient": Method(
-        "K-prune batch-gradient predictive (reference)", _kprune(predictive_knowledge=BATCH_GRADIENT)
+    "kprune-bf16": _kprune("K-prune, knowledge measured in bfloat16", knowledge_precision=BFLOAT16),
+    "kprune-batch-gradient": _kprune(
+        "K-prune batch-gradient predictive (reference)", predictive_knowledge=BATCH_GRADIENT
     ),
 }
 
@@ -141,7 +146,7 @@ def config_method(text: str) -> tuple[str, Method]:
             raise argparse.ArgumentTypeError(f"expected name=value options, got {text!r}")
         options[name.strip()] = _option_value(value.strip())
     kprune.KPruneConfig(flops_keep=0.5, **options)  # an unknown or bad option fails here, before any work
-    return f"kprune[{text}]", Method(f"K-prune {text}", _kprune(**options))
+    return f"kprune[{text}]", _kprune(f"K-prune {text}", **options)
 
 
 def _option_value(text: str):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -195,7 +194,7 @@ def _measure_one(args: argparse.Namespace) -> dict:
     run = METHODS[args.method].run
     # This process loaded the model for this run alone: K-prune lets it go as it passes its sublayers,
     # as the command line does (kprune.prune's keep_teacher); Kwon et al. and magnitude have no such option.
-    alone = {"keep_teacher": False} if "keep_teacher" in inspect.signature(run).parameters else {}
+    alone = {"keep_teacher": False} if METHODS[args.method].lets_teacher_go else {}
     started = time.perf_counter()
     result = run(model, sample, labels, args.flops_keep, **alone)
     seconds = time.perf_counter() - started

@@ -258,6 +258,29 @@ def test_cost_child_mode_writes_one_measurement(workspace, tmp_path):
     assert measured["method"] == "magnitude" and measured["peak_rss_mb"] >= measured["rss_loaded_mb"] > 0
 
 
+@pytest.mark.parametrize("method, lets_go", [("kprune", True), ("magnitude", False)])
+def test_a_cost_row_lets_its_teacher_go_only_with_a_method_that_can(
+    method, lets_go, workspace, tmp_path, monkeypatch
+):
+    """Each row loads its teacher for itself: K-prune is told it may let it go (keep_teacher=False)."""
+    options = {}
+
+    def recording(run):
+        def recorded(*args, **given):
+            options.update(given)
+            return run(*args, **given)
+
+        return recorded
+
+    chosen = METHODS[method]
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(chosen, run=recording(chosen.run)))
+    one = ["--one", "--method", method, "--num-tokens", "50", "--result", str(tmp_path / "one.json")]
+    cost.main(common_args(workspace) + one)
+    assert chosen.lets_teacher_go == lets_go
+    assert options == ({"keep_teacher": False} if lets_go else {})
+    assert config_method("lam_rep=0.5")[1].lets_teacher_go
+
+
 def hold_a_large_tensor(megabytes: int, seconds: float) -> float:
     held = torch.ones(megabytes * 2**20 // 4)  # written, so resident
     time.sleep(seconds)
