@@ -5,8 +5,9 @@ For sublayer t = 0 .. 2L-1, bottom-up:
     knowledge = measure(t)            every unit of sublayers >= t, on the current (partly pruned) student
                                       (with rescore "layer", an FFN step reuses its attention step's)
     keep      = search(t, knowledge)  global ranking under the FLOPs left; applied to sublayer t only
-    weight    = tune(t, keep)         least-squares output projection against the teacher's residual sum
-    prune(t, keep, weight)            physical removal; the FLOPs kept leave the budget
+    prune(t, keep)                    physical removal; the FLOPs kept leave the budget
+    weight    = tune(t)               the pruned sublayer's output projection, least squares against the
+                                      teacher's residual sum
     advance(t)                        the student's hidden states move on to sublayer t+1, in place
                                       (after the last sublayer only for the head's tuning)
 
@@ -329,7 +330,6 @@ def check_part(batches: Batches, config: KPruneConfig) -> list[torch.Tensor]:
 def tune(
     student: nn.Module,
     t: int,
-    keep: torch.Tensor,
     student_hidden: HiddenStates,
     batches: Batches,
     targets: Iterable[torch.Tensor],
@@ -337,20 +337,18 @@ def tune(
     kept_features: OffloadedStates | None = None,
     masks: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, TuneReport]:
-    """Least-squares output projection of sublayer t's kept units (None when tuning is off).
+    """Least-squares output projection of sublayer t, already pruned (None when tuning is off).
 
-    Only the kept units' features are computed: the input maps are sliced to them first. With
+    The features are the pruned sublayer's: those of its kept units, from its own (sliced) input maps. With
     config.check_fraction, the statistics of the seeded check sequences are kept apart (the same features,
     no extra pass) to choose the tuning strength (kprune.tune.solve_towards_current). kept_features, when
     given, receives each batch's features, which ``advance`` then reuses instead of computing them again.
     masks: the batches' attention masks on the host (host_masks; read from the batches when not given)."""
     sub = Sublayer(student, t)
     device = sub.output.weight.device
-    keep = keep.cpu()  # the features' keep stays on the host (Sublayer.features)
-    columns = keep.to(device).repeat_interleave(sub.width)
     bias = sub.output.bias if sub.output.bias is not None else 0.0
     first_token_only = reads_first_token_only(student, t, config)
-    width = int(keep.sum()) * sub.width  # features kept, counted on the host: no wait for a GPU
+    width = sub.output.in_features
     fit = LeastSquaresStats(width, sub.output.out_features, device=device)
     check = LeastSquaresStats(width, sub.output.out_features, device=device)
     in_check = check_part(batches, config)
@@ -358,7 +356,7 @@ def tune(
     batches_in = zip(student_hidden, batches, targets, in_check, masks, strict=True)
     for hidden, batch, target, checked, mask in batches_in:
         rows = tuning_rows(mask, first_token_only)
-        features = sub.features(hidden, batch["attention_mask"], keep).flatten(2)
+        features = sub.features(hidden, batch["attention_mask"]).flatten(2)
         if kept_features is not None:
             kept_features.append(features)
         for part in sequence_chunks(features):  # the gathered rows and residuals of a chunk at a time
@@ -368,7 +366,7 @@ def tune(
                 (fit, rows[part] & ~checked[part, None]),
             ):
                 stats.add(gather_rows(features[part], taken), gather_rows(residual, taken))
-    current = sub.output.weight[:, columns]
+    current = sub.output.weight
     if not config.tune_weights:
         error = (fit + check).error(current)
         return None, TuneReport(error, error, fit.target_sq + check.target_sq, 0.0, "none")
@@ -469,8 +467,8 @@ def advance(
 ) -> None:
     """Replace each batch of the student's input to sublayer t by its output, the input to t+1.
 
-    kept_features: the pruned sublayer's features of every batch, as ``tune`` computed them (the same
-    values: its sliced input maps are the pruned sublayer's); without them they are computed."""
+    kept_features: the pruned sublayer's features of every batch, as ``tune`` computed them; without
+    them they are computed."""
     sub = Sublayer(student, t)
     reuse = kept_features is not None and len(kept_features) == len(batches)
     for index, batch in enumerate(batches):
@@ -479,11 +477,10 @@ def advance(
         student_hidden[index] = sub.layer_norm(sub.residual_sum(hidden, features))
 
 
-def prune_sublayer(
+def step_record(
     student: nn.Module,
     t: int,
     keep: torch.Tensor,
-    weight: torch.Tensor | None,
     knowledge: Sequence[Knowledge],
     report: TuneReport,
     flops_left: float,
@@ -491,10 +488,9 @@ def prune_sublayer(
     seconds: float,
     knowledge_measured: bool,
 ) -> StepRecord:
-    """Physically remove sublayer t's pruned units (setting its tuned output weight); what was decided."""
+    """What iteration t decided: sublayer t keeps the units of ``keep`` (its units before: keep's length)."""
     sub = Sublayer(student, t)
-    units_before, cost = sub.num_units, unit_flops(sub, seq_len)
-    sub.keep_units(keep, weight)
+    units_before, cost = len(keep), unit_flops(sub, seq_len)
     kept, pruned = int(keep.sum()), ~keep.cpu()
     return StepRecord(
         sublayer=t,
@@ -607,6 +603,9 @@ def iterate(
             obtain = functools.partial(reused_knowledge, knowledge, store, t)
         knowledge = store.knowledge(t, obtain)
         keep = store.mask(t, functools.partial(search, student, t, knowledge, flops_left, seq_len, config))
+        # Pruned before its tuning, which then computes the kept units' features from the sublayer's own
+        # input maps (sliced once, not once per batch).
+        Sublayer(student, t).keep_units(keep)
         targets = teacher_side.targets(t)  # lazy: read only if the tuning runs
         last = t == total - 1 and not tunes_head  # nothing reads its output: no advance
         # Offloaded (on the CPU), the tuning's features wait in a file for the advance, which then skips
@@ -614,12 +613,12 @@ def iterate(
         kept_features = OffloadedStates() if offload and not last else None
         weight, report = store.tuned(
             t,
-            functools.partial(tune, student, t, keep, hidden, batches, targets, config, kept_features, masks),
+            functools.partial(tune, student, t, hidden, batches, targets, config, kept_features, masks),
         )
+        if weight is not None:
+            Sublayer(student, t).set_output_weight(weight)
         seconds = time.perf_counter() - step_started
-        record = prune_sublayer(
-            student, t, keep, weight, knowledge, report, flops_left, seq_len, seconds, measured
-        )
+        record = step_record(student, t, keep, knowledge, report, flops_left, seq_len, seconds, measured)
         store.finish(t, record, keep, weight)
         if not last:
             advance(student, t, hidden, batches, kept_features)

@@ -64,42 +64,24 @@ class Sublayer:
         return self.output.in_features // self.width
 
     def features(
-        self,
-        hidden: torch.Tensor,
-        attention_mask: torch.Tensor,
-        keep: torch.Tensor | None = None,
-        first_token_only: bool = False,
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, first_token_only: bool = False
     ) -> torch.Tensor:
         """Unit features (B, S, units, width): the input of the output projection, split by unit.
 
-        keep (bool, units): compute only the kept units' features, from slices of the input maps. A keep
-        on the CPU is counted and turned into row indices on the host: on a GPU, per batch, reading a
-        keep that lives there would wait for the device each time.
         first_token_only: the features at each sequence's first position only, (B, 1, units, width), the
         same values as the first position of the full result (an attention sublayer's one query still
         attends to every token): all a sequence classifier's head reads of the last layer."""
         batch = hidden.shape[0]
         queries = hidden[:, :1] if first_token_only else hidden
-        units = self.num_units if keep is None else int(keep.sum())
-        if keep is not None:
-            rows = keep.bool().repeat_interleave(self.width).nonzero().squeeze(1)
-
-        def project(attribute: str, inputs: torch.Tensor) -> torch.Tensor:
-            linear = self.part(attribute)
-            if keep is None:
-                return linear(inputs)
-            index = rows.to(linear.weight.device, non_blocking=True)  # a blocking copy would wait for a GPU
-            bias = linear.bias.index_select(0, index) if linear.bias is not None else None
-            return F.linear(inputs, linear.weight.index_select(0, index), bias)
-
+        units = self.num_units
         if self.kind == FFN:
             activation = functools.reduce(getattr, self.family.ffn_activation.split("."), self.module)
-            return activation(project("ffn_up", queries)).unsqueeze(-1)
+            return activation(self.part("ffn_up")(queries)).unsqueeze(-1)
         d_h = self.width
         if units == 0:
             return hidden.new_zeros(batch, queries.shape[1], 0, d_h)
         query, key, value = (
-            project(name, inputs).view(batch, inputs.shape[1], units, d_h).transpose(1, 2)
+            self.part(name)(inputs).view(batch, inputs.shape[1], units, d_h).transpose(1, 2)
             for name, inputs in (("query", queries), ("key", hidden), ("value", hidden))
         )
         keys_visible = attention_mask[:, None, None, :].bool()
@@ -126,14 +108,20 @@ class Sublayer:
         inputs = ("query", "key", "value") if self.kind == ATTENTION else ("ffn_up",)
         for name in inputs:
             self._replace(name, _select(self.part(name), columns, dim=0))
-        output = _select(self.output, columns, dim=1)
+        self._replace(
+            "attention_output" if self.kind == ATTENTION else "ffn_down", _select(self.output, columns, dim=1)
+        )
         if output_weight is not None:
-            if output_weight.shape != output.weight.shape:
-                raise ValueError(f"tuned weight {tuple(output_weight.shape)} != {tuple(output.weight.shape)}")
-            output.weight.data.copy_(output_weight)
-        self._replace("attention_output" if self.kind == ATTENTION else "ffn_down", output)
+            self.set_output_weight(output_weight)
         if self.kind == ATTENTION and not keep.any():
             self._empty_attention()
+
+    def set_output_weight(self, weight: torch.Tensor) -> None:
+        """Copy a (tuned) weight of the output projection's shape into it."""
+        output = self.output
+        if weight.shape != output.weight.shape:
+            raise ValueError(f"tuned weight {tuple(weight.shape)} != {tuple(output.weight.shape)}")
+        output.weight.data.copy_(weight)
 
     def release_weights(self) -> None:
         """Let this sublayer's weights go: each parameter of its maps and LayerNorm becomes an empty tensor,

@@ -20,6 +20,7 @@ from kprune.iterate import (
     iterate,
     knowledge_batches,
     reads_first_token_only,
+    student_of,
     tune,
     tune_head,
 )
@@ -364,7 +365,9 @@ def test_the_tuning_adds_its_rows_a_chunk_of_sequences_at_a_time(chunk_sequences
     monkeypatch.setattr(LeastSquaresStats, "add", lambda self, f, r: (added.append(len(f)), add(self, f, r)))
     stream = TeacherStream(teacher, batches)
     hidden = list(stream.encoder_input())
-    weight, _ = tune(teacher, 0, keep, hidden, batches, stream.targets(0), KPruneConfig(0.5))
+    student = student_of(teacher)
+    Sublayer(student, 0).keep_units(keep)
+    weight, _ = tune(student, 0, hidden, batches, stream.targets(0), KPruneConfig(0.5))
     torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5)
     assert max(added) <= (chunk_sequences or 16) * length
     assert (max(added) > 3 * length) == (chunk_sequences is None)
@@ -380,7 +383,7 @@ def unchunked_tuning(teacher, keep, batches):
         for batch, held in zip(batches, checked, strict=True):
             state, mask = encoder_input(teacher, batch), batch["attention_mask"]
             target = sub.residual_sum(state, sub.features(state, mask))
-            features = sub.features(state, mask, keep).flatten(2)
+            features = sub.features(state, mask)[:, :, keep].flatten(2)
             residual = target - state - sub.output.bias
             fit_rows, check_rows = mask.bool() & ~held[:, None], mask.bool() & held[:, None]
             for part, rows in zip(stats, (fit_rows, check_rows), strict=True):
