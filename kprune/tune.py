@@ -51,6 +51,10 @@ class LeastSquaresStats:
     # Both together, 20 batches of 870 rows, alone on 2 cores: 0.56x the time of per-batch products added
     # into float64 at k = 3,072 (a BERT-base FFN), 0.70x at 1,536, the same at 768.
     GRAM_STRIPS, MIN_STRIP_WIDTH = 4, 256
+    # Rows of the pending sums cast to float64 at a time when they join the float64 ones (a CPU addition
+    # of mixed precisions casts its whole input first): a k x k float64 temporary at every flush was 11 MB
+    # at the peak of a MiniLM prune, and its strips' casts, of as many sizes, fragmented the heap.
+    FLUSH_ROWS = 64
 
     def __init__(self, num_features: int, out_dim: int, device: torch.device | str | None = None) -> None:
         if num_features < 0 or out_dim <= 0:
@@ -69,15 +73,27 @@ class LeastSquaresStats:
         width = max(self.MIN_STRIP_WIDTH, -(-k // self.GRAM_STRIPS))
         return [(start, min(start + width, k)) for start in range(0, k, width)]
 
-    def _flush(self) -> None:
+    def _flush(self, more_rows: bool = False) -> None:
+        """Add the pending sums into the float64 ones; more_rows: zero them for the next rows (they are kept,
+        not allocated again), else let them go."""
         if self._pending is not None:
             gram, cross, target_sq = self._pending
-            self._gram += gram  # the upper block triangle (the pending lower blocks are zero)
-            for start, stop in self._strips():
-                self._gram[stop:, start:stop] += gram[start:stop, stop:].T
-            self._cross += cross
+            step = (
+                self.FLUSH_ROWS if gram.device.type == "cpu" else max(self.num_features, 1)
+            )  # a GPU casts as it adds
+            for start in range(0, self.num_features, step):
+                rows = slice(start, start + step)
+                self._gram[rows] += gram[rows]  # the upper block triangle (the pending lower blocks are zero)
+                self._cross[rows] += cross[rows]
+            for start, stop in self._strips():  # the lower blocks mirror the upper ones, as float64 sums too
+                self._gram[stop:, start:stop] = self._gram[start:stop, stop:].T
             self._target_sq_sum += target_sq
-            self._pending, self._pending_rows = None, 0
+            if more_rows:
+                for pending in self._pending:
+                    pending.zero_()
+            else:
+                self._pending = None
+            self._pending_rows = 0
 
     @property
     def gram(self) -> Tensor:
@@ -139,7 +155,7 @@ class LeastSquaresStats:
         self._pending_rows += features.shape[0]
         self.num_rows += features.shape[0]
         if self._pending_rows >= self.PENDING_ROWS:
-            self._flush()
+            self._flush(more_rows=True)
 
     def select(self, keep: Tensor) -> "LeastSquaresStats":
         """Statistics of the kept features only (keep: bool mask of length k, or feature indices)."""

@@ -46,15 +46,17 @@ def exact_sums(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return f.T @ f, f.T @ r, float(r.square().sum())
 
 
-# (rows summed before a flush, narrowest Gram strip): with 8 features, one strip of 8, four of 2, 3+3+2
-SUMMATIONS = [(1, 256), (50, 2), (4096, 3), (50, 256)]
+# (rows summed before a flush, narrowest Gram strip, rows cast at a time in a flush): with 8 features, one
+# strip of 8, four of 2, 3+3+2; flushed in blocks of 8, 3+3+2, 1 or 5+3 rows
+SUMMATIONS = [(1, 256, 64), (50, 2, 3), (4096, 3, 1), (50, 256, 5)]
 
 
-@pytest.fixture(params=SUMMATIONS, ids=lambda pair: f"pending{pair[0]}-strip{pair[1]}")
+@pytest.fixture(params=SUMMATIONS, ids=lambda sizes: "pending{}-strip{}-flush{}".format(*sizes))
 def summation(request, monkeypatch):
-    pending_rows, strip_width = request.param
+    pending_rows, strip_width, flush_rows = request.param
     monkeypatch.setattr(LeastSquaresStats, "PENDING_ROWS", pending_rows)
     monkeypatch.setattr(LeastSquaresStats, "MIN_STRIP_WIDTH", strip_width)
+    monkeypatch.setattr(LeastSquaresStats, "FLUSH_ROWS", flush_rows)
 
 
 def test_float64_rows_are_summed_in_float64(summation):
