@@ -391,6 +391,20 @@ def unchunked_tuning(teacher, keep, batches):
     return solve_towards_current(*stats, sub.output.weight[:, columns], config.tune_strengths)[0]
 
 
+@pytest.mark.parametrize("trim_tokens, expected", [(10**9, 0), (1, 3)])
+def test_the_tuning_hands_the_freed_heap_back_as_it_reads(trim_tokens, expected, monkeypatch):
+    """Every TRIM_TOKENS tokens read (here: never, or at each of the three batches)."""
+    teacher = tiny_model("bert")
+    batches = make_batches(model_inputs(teacher, tiny_sample(num=40)), 16)
+    trims = []
+    monkeypatch.setattr(kprune.iterate, "TRIM_TOKENS", trim_tokens)
+    monkeypatch.setattr(kprune.iterate, "release_freed_memory", lambda: trims.append(1))
+    stream = TeacherStream(teacher, batches)
+    hidden = list(stream.encoder_input())
+    tune(student_of(teacher), 0, hidden, batches, stream.targets(0), KPruneConfig(0.5))
+    assert len(batches) == 3 and len(trims) == expected
+
+
 def test_the_last_layer_of_a_classifier_is_read_at_the_first_token_only():
     classifier, qa = tiny_model("bert"), tiny_model("bert", "qa")
     config = KPruneConfig(0.5)
