@@ -182,7 +182,8 @@ def release_freed_memory() -> None:
 
     The blocks under the mmap threshold that a sublayer's step frees stay in glibc's heap, which only
     returns its top: measured at the end of a MiniLM prune of 100k tokens, 175 MB of the 835 MB RSS were
-    such pages. The loop calls this after each step, so no step starts on the last ones' leftovers."""
+    such pages. The loop calls this after each step, so no step starts on the last ones' leftovers, and
+    its tuning every few thousand tokens (kprune.iterate.TRIM_TOKENS)."""
     trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
