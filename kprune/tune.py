@@ -78,9 +78,8 @@ class LeastSquaresStats:
         not allocated again), else let them go."""
         if self._pending is not None:
             gram, cross, target_sq = self._pending
-            step = (
-                self.FLUSH_ROWS if gram.device.type == "cpu" else max(self.num_features, 1)
-            )  # a GPU casts as it adds
+            # A GPU casts as it adds: one block there.
+            step = self.FLUSH_ROWS if gram.device.type == "cpu" else max(self.num_features, 1)
             for start in range(0, self.num_features, step):
                 rows = slice(start, start + step)
                 self._gram[rows] += gram[rows]  # the upper block triangle (the pending lower blocks are zero)
