@@ -96,9 +96,10 @@ class TeacherSide(Protocol):
 # batch's FFN activations (two (B, S, 3,072) float32 tensors, 100 MB at 32 sequences of 128 tokens) were
 # the peak of its prune, in the teacher's residual sums; the tuning's rows gathered for its statistics too.
 CHUNK_TOKENS = 1024
-# Tokens the tuning reads between two hand-backs of the heap's freed pages (release_freed_memory). Its
+# Tokens a CPU tuning reads between two hand-backs of the heap's freed pages (release_freed_memory). Its
 # batches grow in length, so each one's temporaries of under 2 MB (kprune.memory) land in other holes of
-# glibc's heap than the last one's, and every hole touched stays resident until the step ends.
+# glibc's heap than the last one's, and every hole touched stays resident until the step ends. (On an
+# accelerator the temporaries are not in the heap.)
 TRIM_TOKENS = 4096
 
 
@@ -358,10 +359,10 @@ def tune(
     in_check = check_part(batches, config)
     masks = masks if masks is not None else host_masks(batches)
     batches_in = zip(student_hidden, batches, targets, in_check, masks, strict=True)
-    tokens_read = 0
+    in_heap, tokens_read = device.type == "cpu", 0  # where the batches' temporaries live
     for hidden, batch, target, checked, mask in batches_in:
         tokens_read += mask.numel()
-        if tokens_read >= TRIM_TOKENS:
+        if in_heap and tokens_read >= TRIM_TOKENS:
             release_freed_memory()
             tokens_read = 0
         rows = tuning_rows(mask, first_token_only)

@@ -393,7 +393,7 @@ def unchunked_tuning(teacher, keep, batches):
 
 @pytest.mark.parametrize("trim_tokens, expected", [(10**9, 0), (1, 3)])
 def test_the_tuning_hands_the_freed_heap_back_as_it_reads(trim_tokens, expected, monkeypatch):
-    """Every TRIM_TOKENS tokens read (here: never, or at each of the three batches)."""
+    """Every TRIM_TOKENS tokens read on the CPU (here: never, or at each of the three batches)."""
     teacher = tiny_model("bert")
     batches = make_batches(model_inputs(teacher, tiny_sample(num=40)), 16)
     trims = []
