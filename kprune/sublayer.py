@@ -35,11 +35,13 @@ class Sublayer:
     def kind(self) -> str:
         return ATTENTION if self.index % 2 == 0 else FFN
 
-    @property
+    # Resolved once: a prune reads them about 120k times (the layer module itself is never replaced, only
+    # its parts).
+    @functools.cached_property
     def family(self) -> Family:
         return family_of(self.model)
 
-    @property
+    @functools.cached_property
     def module(self) -> nn.Module:
         return encoder_layers(self.model)[self.layer]
 
