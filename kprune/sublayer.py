@@ -49,8 +49,18 @@ class Sublayer:
         return self.module.get_submodule(getattr(self.family, attribute))
 
     @property
+    def input_parts(self) -> tuple[str, ...]:
+        """The Family attributes of the maps whose output rows belong to the units."""
+        return ("query", "key", "value") if self.kind == ATTENTION else ("ffn_up",)
+
+    @property
+    def output_part(self) -> str:
+        """The Family attribute of the output projection, whose input columns belong to the units."""
+        return "attention_output" if self.kind == ATTENTION else "ffn_down"
+
+    @property
     def output(self) -> nn.Linear:
-        return self.part("attention_output" if self.kind == ATTENTION else "ffn_down")
+        return self.part(self.output_part)
 
     @property
     def layer_norm(self) -> nn.LayerNorm:
@@ -107,12 +117,9 @@ class Sublayer:
         if keep.shape != (self.num_units,):
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, sublayer has {self.num_units} units")
         columns = torch.arange(self.num_units * self.width).view(self.num_units, self.width)[keep].flatten()
-        inputs = ("query", "key", "value") if self.kind == ATTENTION else ("ffn_up",)
-        for name in inputs:
+        for name in self.input_parts:
             self._replace(name, _select(self.part(name), columns, dim=0))
-        self._replace(
-            "attention_output" if self.kind == ATTENTION else "ffn_down", _select(self.output, columns, dim=1)
-        )
+        self._replace(self.output_part, _select(self.output, columns, dim=1))
         if output_weight is not None:
             self.set_output_weight(output_weight)
         if self.kind == ATTENTION and not keep.any():
@@ -129,8 +136,7 @@ class Sublayer:
         """Let this sublayer's weights go: each parameter of its maps and LayerNorm becomes an empty tensor,
         so its memory is freed unless another model shares it. The module keeps its sizes (unit counts and
         FLOPs still read) but can no longer run."""
-        inputs = ("query", "key", "value") if self.kind == ATTENTION else ("ffn_up",)
-        for part in (*(self.part(name) for name in inputs), self.output, self.layer_norm):
+        for part in (*(self.part(name) for name in self.input_parts), self.output, self.layer_norm):
             for name, parameter in list(part.named_parameters(recurse=False)):
                 setattr(part, name, nn.Parameter(parameter.detach().new_empty(0), requires_grad=False))
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from kprune.arch import ATTENTION
 from kprune.baselines.common import (
     check_flops_keep,
     model_batches,
@@ -38,11 +37,10 @@ METHOD = "magnitude"
 @torch.no_grad()
 def weight_magnitudes(sub: Sublayer) -> torch.Tensor:
     """Sum of squared weights of each unit of a sublayer: (units,), float64."""
-    inputs = ("query", "key", "value") if sub.kind == ATTENTION else ("ffn_up",)
     # Rows of the input projections, grouped by unit: (units, width, d) -> one sum per unit.
     rows = sum(
         sub.part(name).weight.detach().double().pow(2).view(sub.num_units, sub.width, -1).sum((1, 2))
-        for name in inputs
+        for name in sub.input_parts
     )
     columns = sub.output_column_norms().double().sum(1)
     return (rows + columns).cpu()
